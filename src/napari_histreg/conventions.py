@@ -1,0 +1,385 @@
+"""Coordinate conventions of napari-histreg. This is the one module that owns them.
+
+Everything else imports from here instead of re-deriving an index order or a normalisation.
+
+* **Sizes** are ``(H, W)``. Images in the core are ``(H, W)`` grey or ``(H, W, C)`` colour numpy
+  arrays; torch tensors are ``(B, C, H, W)``.
+* **Points** in the core are ``(N, 2)`` float arrays in ``(row, col)`` order, pixel units, origin at
+  the centre of the top-left pixel (integers are pixel centres). This is napari's order.
+  ANHIR landmark files store ``X, Y`` = ``(col, row)``: convert with :func:`xy_to_rc` and
+  :func:`rc_to_xy` at the file edge only.
+* **Displacement fields are backward and in pixels**: on the target grid,
+  ``warped(p) = source(p + u(p))``; ``u`` has shape ``(2, H, W)`` (torch: ``(B, 2, H, W)``),
+  channel 0 = d-row, channel 1 = d-col, float32.
+* **Composition**: if ``u`` is applied first (it warps the source to an intermediate image) and
+  ``v`` second (it warps the intermediate onto the target), the total is
+  ``compose(v, u)(p) = v(p) + u(p + v(p))``.
+* **grid_sample** wants normalised ``(x, y)`` in ``[-1, 1]``. We use ``ALIGN_CORNERS = True``:
+  ``-1`` is the centre of pixel ``0`` and ``+1`` the centre of pixel ``n - 1``, so a pixel
+  coordinate ``c`` maps to ``2 c / (n - 1) - 1``. Conversions happen only in
+  :func:`pixels_to_normalised` and :func:`field_to_grid`.
+* **Angles** are degrees at the API, radians inside.
+* **Frames**: an image resampled to a working resolution and padded sits in a :class:`Frame`:
+  ``working = (original + 0.5) * scale - 0.5 + offset`` (pixel-centre alignment, the same
+  mapping as ``skimage.transform.resize``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ALIGN_CORNERS = True
+
+__all__ = [
+    "ALIGN_CORNERS",
+    "Frame",
+    "affine_normalised_to_pixels",
+    "affine_pixels_to_normalised",
+    "affine_to_field",
+    "normalised_affine_grid",
+    "compose",
+    "default_device",
+    "field_between_frames",
+    "field_to_grid",
+    "identity_grid",
+    "invert_field",
+    "map_source_to_target",
+    "map_target_to_source",
+    "pixels_to_normalised",
+    "resize_field",
+    "rc_to_xy",
+    "rotation_about",
+    "sample_field_at_points",
+    "seed_everything",
+    "to_tensor",
+    "warp",
+    "xy_to_rc",
+]
+
+
+# --------------------------------------------------------------------------- devices, seeds
+def default_device(preferred: str | torch.device | None = None) -> torch.device:
+    """``cuda`` if available, else ``mps``, else ``cpu``; ``preferred`` wins when given.
+
+    ``preferred`` may be ``"auto"`` (same as ``None``). An unavailable explicit device raises a
+    ``ValueError`` naming it, rather than failing later inside torch.
+    """
+    if preferred is not None and str(preferred) != "auto":
+        device = torch.device(preferred)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(preferred)!r} was asked for but CUDA is not available")
+        if device.type == "mps" and not (
+            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        ):
+            raise ValueError(f"device {str(preferred)!r} was asked for but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed python, numpy and torch so that a run with the same seed gives the same result."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def to_tensor(array, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A float tensor view of a numpy array or tensor, on ``device`` (default: its own / cpu)."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device or array.device, dtype=dtype)
+    return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- points
+def xy_to_rc(points_xy) -> np.ndarray:
+    """ANHIR ``(X, Y)`` = ``(col, row)`` to core ``(row, col)``."""
+    points_xy = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    return points_xy[:, ::-1].copy()
+
+
+def rc_to_xy(points_rc) -> np.ndarray:
+    """Core ``(row, col)`` to ANHIR ``(X, Y)`` = ``(col, row)``."""
+    points_rc = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+    return points_rc[:, ::-1].copy()
+
+
+def pixels_to_normalised(coords_rc: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(..., 2)`` pixel ``(row, col)`` to grid_sample's normalised ``(x, y)``."""
+    h, w = shape
+    row = coords_rc[..., 0]
+    col = coords_rc[..., 1]
+    x = 2.0 * col / max(w - 1, 1) - 1.0
+    y = 2.0 * row / max(h - 1, 1) - 1.0
+    return torch.stack((x, y), dim=-1)
+
+
+# --------------------------------------------------------------------------- grids and warps
+def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(2, H, W)`` tensor of pixel ``(row, col)`` coordinates."""
+    h, w = shape
+    rows = torch.arange(h, device=device, dtype=dtype)
+    cols = torch.arange(w, device=device, dtype=dtype)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack((rr, cc), dim=0)
+
+
+def field_to_grid(field: torch.Tensor, source_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Backward pixel field ``(B, 2, H, W)`` to a grid_sample grid ``(B, H, W, 2)``.
+
+    ``source_shape`` is the ``(H, W)`` of the image that will be sampled; it defaults to the
+    field's own shape (source and target on the same grid).
+    """
+    b, _, h, w = field.shape
+    source_shape = tuple(source_shape) if source_shape is not None else (h, w)
+    coords = identity_grid((h, w), device=field.device, dtype=field.dtype).unsqueeze(0) + field
+    return pixels_to_normalised(coords.permute(0, 2, 3, 1), source_shape)
+
+
+def warp(
+    image: torch.Tensor,
+    field: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Warp ``image`` ``(B, C, Hs, Ws)`` with the backward field ``(B, 2, H, W)``.
+
+    Returns ``(B, C, H, W)``: ``out(p) = image(p + field(p))``. A batch of 1 in either argument
+    broadcasts against the other.
+    """
+    if image.shape[0] != field.shape[0]:
+        if image.shape[0] == 1:
+            image = image.expand(field.shape[0], -1, -1, -1)
+        elif field.shape[0] == 1:
+            field = field.expand(image.shape[0], -1, -1, -1)
+    grid = field_to_grid(field, image.shape[-2:])
+    return F.grid_sample(
+        image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
+        align_corners=ALIGN_CORNERS,
+    )
+
+
+def sample_field_at_points(field: torch.Tensor, points_rc: torch.Tensor) -> torch.Tensor:
+    """Bilinear value of a ``(2, H, W)`` field at ``(N, 2)`` points; clamped at the border."""
+    grid = pixels_to_normalised(points_rc, field.shape[-2:]).view(1, 1, -1, 2)
+    values = F.grid_sample(
+        field.unsqueeze(0), grid.to(field.dtype), mode="bilinear", padding_mode="border",
+        align_corners=ALIGN_CORNERS,
+    )
+    return values[0, :, 0, :].T  # (N, 2)
+
+
+def compose(later: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
+    """Total backward field of warping first with ``earlier`` then with ``later``.
+
+    ``compose(v, u)(p) = v(p) + u(p + v(p))``; both ``(B, 2, H, W)`` on the same grid.
+    """
+    return later + warp(earlier, later, padding_mode="border")
+
+
+def map_target_to_source(points_rc, field) -> np.ndarray:
+    """Target-frame points to source-frame points: ``s = p + u(p)`` (exact, no inversion)."""
+    field_t = to_tensor(field)
+    points = to_tensor(points_rc, device=field_t.device).reshape(-1, 2)
+    mapped = points + sample_field_at_points(field_t, points)
+    return mapped.cpu().numpy().astype(np.float64)
+
+
+def map_source_to_target(
+    points_rc, field, iterations: int = 100, tolerance: float = 1e-3
+) -> np.ndarray:
+    """Source-frame points to the target frame, inverting the backward field point-wise.
+
+    Solves ``p + u(p) = s`` by the fixed-point iteration ``p <- s - u(p)``, which converges
+    when the field is a contraction (no folding: Jacobian of ``u`` below 1), as it is for any
+    sensible registration. ``tolerance`` is in pixels.
+    """
+    field_t = to_tensor(field, dtype=torch.float64)
+    source = to_tensor(points_rc, device=field_t.device, dtype=torch.float64).reshape(-1, 2)
+    p = source - sample_field_at_points(field_t, source)
+    for _ in range(iterations):
+        p_next = source - sample_field_at_points(field_t, p)
+        step = (p_next - p).abs().max() if len(p) else torch.tensor(0.0)
+        p = p_next
+        if step < tolerance:
+            break
+    return p.cpu().numpy().astype(np.float64)
+
+
+def invert_field(field: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Dense inverse of a backward field ``(B, 2, H, W)``: ``w`` with ``w(s) = -u(s + w(s))``.
+
+    ``w`` is the backward field of the opposite direction (it warps the target onto the
+    source grid). Fixed-point iteration, as in :func:`map_source_to_target`.
+    """
+    inverse = -field
+    for _ in range(iterations):
+        inverse = -warp(field, inverse, padding_mode="border")
+    return inverse
+
+
+# --------------------------------------------------------------------------- affine
+def rotation_about(
+    center_rc: Sequence[float], angle_deg: float, translation_rc: Sequence[float] = (0.0, 0.0)
+) -> np.ndarray:
+    """2x3 backward affine (pixel ``(row, col)``): ``s = R (p - center) + center + translation``.
+
+    ``R = [[cos, -sin], [sin, cos]]`` acts on ``(row, col)``. The matrix maps a target pixel
+    ``p`` to the source pixel it samples, so it can go straight into :func:`affine_to_field`.
+    """
+    theta = np.deg2rad(angle_deg)
+    c, s = np.cos(theta), np.sin(theta)
+    rot = np.array([[c, -s], [s, c]])
+    center = np.asarray(center_rc, dtype=np.float64)
+    offset = center - rot @ center + np.asarray(translation_rc, dtype=np.float64)
+    return np.hstack([rot, offset[:, None]])
+
+
+def affine_to_field(matrix, shape: Sequence[int], device=None) -> torch.Tensor:
+    """``(1, 2, H, W)`` backward field of a 2x3 pixel ``(row, col)`` affine ``s = A p + b``."""
+    a = to_tensor(matrix, device=device).reshape(2, 3)
+    grid = identity_grid(shape, device=a.device)
+    source = torch.einsum("ij,jhw->ihw", a[:, :2], grid) + a[:, 2].view(2, 1, 1)
+    return (source - grid).unsqueeze(0)
+
+
+def _normalising(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    h, w = shape
+    return np.diag([2.0 / max(h - 1, 1), 2.0 / max(w - 1, 1)]), np.array([-1.0, -1.0])
+
+
+def affine_pixels_to_normalised(matrix, shape: Sequence[int]) -> np.ndarray:
+    """A 2x3 pixel ``(row, col)`` affine to the same map in normalised ``(row, col)`` coordinates
+    of a grid of ``shape`` (source and target on that one grid)."""
+    a = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+    d, e = _normalising(shape)
+    m = d @ a[:, :2] @ np.linalg.inv(d)
+    t = d @ a[:, 2] + e - m @ e
+    return np.hstack([m, t[:, None]])
+
+
+def affine_normalised_to_pixels(matrix, shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`affine_pixels_to_normalised`."""
+    m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+    d, e = _normalising(shape)
+    d_inv = np.linalg.inv(d)
+    a = d_inv @ m[:, :2] @ d
+    b = d_inv @ (m[:, 2] - e + m[:, :2] @ e)
+    return np.hstack([a, b[:, None]])
+
+
+def normalised_affine_grid(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """grid_sample grid ``(B, H, W, 2)`` of a batch of normalised ``(row, col)`` affines ``(B, 2, 3)``."""
+    h, w = shape
+    device, dtype = matrix.device, matrix.dtype
+    rows = torch.linspace(-1, 1, h, device=device, dtype=dtype) if h > 1 else torch.zeros(1, device=device, dtype=dtype)
+    cols = torch.linspace(-1, 1, w, device=device, dtype=dtype) if w > 1 else torch.zeros(1, device=device, dtype=dtype)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    homog = torch.stack((rr, cc, torch.ones_like(rr)), dim=0).reshape(3, -1)
+    mapped = (matrix @ homog).reshape(-1, 2, h, w)  # (B, 2=(row, col), H, W)
+    return torch.stack((mapped[:, 1], mapped[:, 0]), dim=-1)
+
+
+# --------------------------------------------------------------------------- resolution
+def resize_field(field: torch.Tensor, shape: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Resample a pixel field ``(B, 2, h, w)`` to ``shape`` and rescale its displacements.
+
+    Uses the pixel-centre alignment of :class:`Frame`, so the field still means the same
+    geometric displacement on the new grid.
+    """
+    h, w = field.shape[-2:]
+    new_h, new_w = shape
+    if (h, w) == (new_h, new_w):
+        return field
+    resized = F.interpolate(field, size=(new_h, new_w), mode=mode, align_corners=False)
+    scale = torch.tensor([new_h / h, new_w / w], device=field.device, dtype=field.dtype)
+    return resized * scale.view(1, 2, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """Where an original image sits in a working grid.
+
+    ``working = (original + 0.5) * scale - 0.5 + offset`` per axis ``(row, col)``.
+    ``original_shape`` is the image's ``(H, W)`` at full resolution; ``shape`` the working grid.
+    """
+
+    original_shape: tuple[int, int]
+    shape: tuple[int, int]
+    scale: tuple[float, float]
+    offset: tuple[float, float]
+
+    def to_working(self, points_rc) -> np.ndarray:
+        points = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+        return (points + 0.5) * np.asarray(self.scale) - 0.5 + np.asarray(self.offset)
+
+    def to_original(self, points_rc) -> np.ndarray:
+        points = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+        return (points - np.asarray(self.offset) + 0.5) / np.asarray(self.scale) - 0.5
+
+    def at_shape(self, image_shape: Sequence[int]) -> "Frame":
+        """The same frame for a version of the original image at another resolution.
+
+        Used to apply a transform to any level of a pyramid: the working grid stays, the
+        scale changes by the ratio of sizes.
+        """
+        ratio = (image_shape[0] / self.original_shape[0], image_shape[1] / self.original_shape[1])
+        return Frame(
+            original_shape=(int(image_shape[0]), int(image_shape[1])),
+            shape=self.shape,
+            scale=(self.scale[0] / ratio[0], self.scale[1] / ratio[1]),
+            offset=self.offset,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Frame":
+        return cls(**{k: tuple(v) for k, v in data.items()})
+
+
+def field_between_frames(
+    working_field: torch.Tensor,
+    target_frame: Frame,
+    source_frame: Frame,
+    rows: slice | None = None,
+    cols: slice | None = None,
+) -> torch.Tensor:
+    """The backward field in original pixels from a field on the working grid.
+
+    For each original target pixel ``p`` (optionally only the block ``rows, cols``):
+    ``q = T_t(p)``, ``s = T_s^-1(q + u_w(q))`` and the result is ``s - p``, shape
+    ``(2, h, w)``. Working outside the field's grid clamps to its border.
+    """
+    h, w = target_frame.original_shape
+    rows = rows or slice(0, h)
+    cols = cols or slice(0, w)
+    device = working_field.device
+    r = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)
+    c = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)
+    rr, cc = torch.meshgrid(r, c, indexing="ij")
+    p = torch.stack((rr, cc), dim=-1)  # (h, w, 2)
+    t_scale = torch.tensor(target_frame.scale, device=device)
+    t_off = torch.tensor(target_frame.offset, device=device)
+    s_scale = torch.tensor(source_frame.scale, device=device)
+    s_off = torch.tensor(source_frame.offset, device=device)
+    q = (p + 0.5) * t_scale - 0.5 + t_off
+    grid = pixels_to_normalised(q, working_field.shape[-2:]).unsqueeze(0)
+    u = F.grid_sample(
+        working_field.reshape(1, 2, *working_field.shape[-2:]), grid, mode="bilinear",
+        padding_mode="border", align_corners=ALIGN_CORNERS,
+    )[0].permute(1, 2, 0)
+    s = (q + u - s_off + 0.5) / s_scale - 0.5
+    return (s - p).permute(2, 0, 1).contiguous()

@@ -1,0 +1,51 @@
+"""ANHIR landmark metrics (Borovec et al., IEEE TMI 2020)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rtre(mapped_rc, target_rc, target_shape) -> np.ndarray:
+    """Relative target registration error per landmark: distance / target image diagonal."""
+    mapped = np.asarray(mapped_rc, dtype=np.float64).reshape(-1, 2)
+    target = np.asarray(target_rc, dtype=np.float64).reshape(-1, 2)
+    if mapped.shape != target.shape:
+        raise ValueError(f"landmark sets differ in size: {mapped.shape[0]} vs {target.shape[0]}")
+    diagonal = float(np.hypot(*target_shape[:2]))
+    return np.linalg.norm(mapped - target, axis=1) / diagonal
+
+
+def pair_metrics(initial_source_rc, mapped_source_rc, target_rc, target_shape) -> dict:
+    """Initial and final rTRE statistics and robustness for one pair.
+
+    ``initial_source_rc`` are the source landmarks before registration (the "no registration"
+    baseline compares them with the target landmarks directly, as ANHIR does).
+    """
+    before = rtre(initial_source_rc, target_rc, target_shape)
+    after = rtre(mapped_source_rc, target_rc, target_shape)
+    return {
+        "initial_median_rtre": float(np.median(before)),
+        "median_rtre": float(np.median(after)),
+        "mean_rtre": float(np.mean(after)),
+        "max_rtre": float(np.max(after)),
+        "robustness": float(np.mean(after < before)),
+        "n_landmarks": int(len(after)),
+    }
+
+
+def summarise(pairs: list[dict]) -> dict:
+    """ANHIR summary over pairs: AMrTRE, MMrTRE, AArTRE, mean robustness."""
+    ok = [p for p in pairs if p.get("median_rtre") is not None and np.isfinite(p["median_rtre"])]
+    if not ok:
+        return {"pairs": len(pairs), "failed": len(pairs)}
+    mr = np.array([p["median_rtre"] for p in ok])
+    ar = np.array([p["mean_rtre"] for p in ok])
+    rob = np.array([p["robustness"] for p in ok])
+    return {
+        "pairs": len(pairs),
+        "failed": len(pairs) - len(ok),
+        "AMrTRE": float(mr.mean()),
+        "MMrTRE": float(np.median(mr)),
+        "AArTRE": float(ar.mean()),
+        "robustness": float(rob.mean()),
+    }

@@ -1,0 +1,175 @@
+"""The registration pipeline: named, replaceable stages composed in order.
+
+``Pipeline`` holds one callable per stage. Replace any of them with a function of the same
+signature to change the method (the notebook in ``examples/`` does this)::
+
+    preprocess(source, target)            -> PreparedPair
+    mask(image)                           -> bool array (or None: keep everything)
+    initial(source, target, progress)     -> 2x3 backward affine (working pixels)
+    affine(source, target, matrix, progress) -> 2x3 backward affine
+    nonrigid(source, target, field, progress) -> (2, H, W) backward field
+
+``register`` is the one-call entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .conventions import affine_to_field, default_device, seed_everything
+from .io import HistRegInputError, check_image, read_image
+from .progress import ProgressCallback, report
+from .result import RegistrationResult
+from .stages.affine import AffineConfig, optimise_affine
+from .stages.initial import InitialAlignmentConfig, initial_alignment
+from .stages.mask import OtsuMaskConfig, otsu_tissue_mask
+from .stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
+from .stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
+
+STAGES = ("preprocess", "mask", "initial", "affine", "nonrigid")
+
+
+@dataclasses.dataclass
+class RegistrationConfig:
+    """Every parameter of the default pipeline. ``nonrigid_method``: ``"dense"`` (instance
+    optimisation of a dense field), ``"patches"`` (patch-group engine) or ``"none"``.
+    ``use_mask`` sets the background outside the tissue mask to 0; ``initial`` / ``affine``
+    switch those stages off when False."""
+
+    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    mask: OtsuMaskConfig = dataclasses.field(default_factory=OtsuMaskConfig)
+    initial: InitialAlignmentConfig = dataclasses.field(default_factory=InitialAlignmentConfig)
+    affine: AffineConfig = dataclasses.field(default_factory=AffineConfig)
+    dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
+    patches: PatchConfig = dataclasses.field(default_factory=PatchConfig)
+    use_mask: bool = False
+    use_initial: bool = True
+    use_affine: bool = True
+    nonrigid_method: str = "dense"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Pipeline:
+    """Stages bound to a configuration and a device; any stage attribute may be replaced."""
+
+    def __init__(self, config: RegistrationConfig | None = None, device=None, seed: int | None = 0):
+        self.config = config or RegistrationConfig()
+        if self.config.nonrigid_method not in ("dense", "patches", "none"):
+            raise ValueError(f"nonrigid_method must be 'dense', 'patches' or 'none', not {self.config.nonrigid_method!r}")
+        self.device = default_device(device)
+        self.seed = seed
+        c = self.config
+        self.preprocess: Callable[..., PreparedPair] = lambda s, t: preprocess_pair(s, t, c.preprocess, self.device)
+        self.mask = (lambda image: otsu_tissue_mask(image, c.mask)) if c.use_mask else None
+        self.initial = (
+            (lambda s, t, progress=None: initial_alignment(s, t, c.initial, self.device, progress).matrix)
+            if c.use_initial
+            else None
+        )
+        self.affine = (
+            (lambda s, t, m, progress=None: optimise_affine(s, t, m, c.affine, self.device, progress))
+            if c.use_affine
+            else None
+        )
+        if c.nonrigid_method == "dense":
+            self.nonrigid = lambda s, t, f, progress=None: dense_nonrigid(s, t, f, c.dense, self.device, progress)
+        elif c.nonrigid_method == "patches":
+            self.nonrigid = lambda s, t, f, progress=None: patch_nonrigid(s, t, f, None, c.patches, self.device, progress)
+        else:
+            self.nonrigid = None
+
+    def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> RegistrationResult:
+        """Register ``source`` onto ``target`` (arrays already validated)."""
+        seed_everything(self.seed)
+        timings: dict[str, float] = {}
+        info: dict = {"device": str(self.device), "config": self.config.to_dict(), "seed": self.seed}
+
+        def timed(name, fn, *args):
+            report(progress, name, 0, 1, "start")
+            start = time.perf_counter()
+            out = fn(*args)
+            timings[name] = round(time.perf_counter() - start, 4)
+            report(progress, name, 1, 1, "done")
+            return out
+
+        pair = timed("preprocess", self.preprocess, source, target)
+        src, tgt = pair.source, pair.target
+        blank = [n for n, img in (("source", src), ("target", tgt)) if float(img.max() - img.min()) < 1e-6]
+        identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        if blank:
+            warnings.warn(
+                f"{' and '.join(blank)} image is blank (constant after preprocessing): returning the identity transform",
+                stacklevel=3,
+            )
+            info["blank"] = blank
+            field = np.zeros((2,) + tgt.shape, dtype=np.float32)
+            return RegistrationResult(field, pair.source_frame, pair.target_frame, identity, timings, info, src, tgt)
+        if self.mask is not None:
+            src_mask, tgt_mask = timed("mask", lambda: (np.asarray(self.mask(src), bool), np.asarray(self.mask(tgt), bool)))
+            src, tgt = src * src_mask, tgt * tgt_mask
+        matrix = identity
+        with torch.no_grad():
+            if self.initial is not None:
+                matrix = timed("initial", lambda: np.asarray(self.initial(src, tgt, progress), dtype=np.float64))
+        if self.affine is not None:
+            matrix = timed("affine", lambda: np.asarray(self.affine(src, tgt, matrix, progress), dtype=np.float64))
+        field = affine_to_field(matrix, tgt.shape)[0].numpy()
+        if self.nonrigid is not None:
+            field = timed("nonrigid", lambda: np.asarray(self.nonrigid(src, tgt, field, progress), dtype=np.float32))
+        timings["total"] = round(sum(timings.values()), 4)
+        info["matrix"] = matrix
+        return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
+
+
+def _as_image(value, name: str) -> np.ndarray:
+    if isinstance(value, (str, Path)):
+        return read_image(value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if hasattr(value, "compute") and not isinstance(value, np.ndarray):  # dask array
+        value = value.compute()
+    try:
+        array = np.asarray(value)
+    except Exception as err:
+        raise HistRegInputError(f"{name}: cannot be turned into an array ({err})") from None
+    return check_image(array, name)
+
+
+def register(
+    source,
+    target,
+    config: RegistrationConfig | None = None,
+    *,
+    device=None,
+    seed: int | None = 0,
+    progress: ProgressCallback = None,
+    pipeline: Pipeline | None = None,
+) -> RegistrationResult:
+    """Register ``source`` onto ``target`` and return a :class:`RegistrationResult`.
+
+    ``source`` / ``target``: numpy arrays (grey or RGB/RGBA, any dtype), dask arrays, or paths.
+    ``progress``: called with :class:`~napari_histreg.progress.ProgressEvent`; raise
+    :class:`~napari_histreg.progress.RegistrationCancelled` from it to stop.
+    """
+    source_image = _as_image(source, str(source) if isinstance(source, (str, Path)) else "source")
+    target_image = _as_image(target, str(target) if isinstance(target, (str, Path)) else "target")
+    ratio = max(
+        source_image.shape[0] / target_image.shape[0], target_image.shape[0] / source_image.shape[0],
+        source_image.shape[1] / target_image.shape[1], target_image.shape[1] / source_image.shape[1],
+    )
+    if ratio > 4:
+        raise HistRegInputError(
+            f"source is {source_image.shape[0]}x{source_image.shape[1]} and target {target_image.shape[0]}x{target_image.shape[1]}: "
+            "sizes differ by more than 4x; resample one of them to the other's pixel size first"
+        )
+    pipeline = pipeline or Pipeline(config, device=device, seed=seed)
+    return pipeline.run(source_image, target_image, progress)

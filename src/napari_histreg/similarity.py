@@ -1,0 +1,77 @@
+"""Similarity measures and regularisers on ``(B, C, H, W)`` tensors.
+
+Each returns one value per batch item (shape ``(B,)``) so that a batch of independent problems
+(patches, angles) can be optimised together: the sum of per-item losses has independent
+gradients per item.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-6
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Global normalised cross-correlation per batch item, in ``[-1, 1]``.
+
+    ``mask`` (broadcastable to ``a``) weights the pixels; ``None`` means all pixels count.
+    """
+    dims = tuple(range(1, a.ndim))
+    if mask is None:
+        mask = torch.ones_like(a)
+    mask = mask.expand_as(a)
+    weight = mask.sum(dim=dims).clamp_min(_EPS)
+    mean_a = (a * mask).sum(dim=dims) / weight
+    mean_b = (b * mask).sum(dim=dims) / weight
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    da = (a - mean_a.view(shape)) * mask
+    db = (b - mean_b.view(shape)) * mask
+    num = (da * db).sum(dim=dims)
+    den = torch.sqrt((da * da).sum(dim=dims) * (db * db).sum(dim=dims)).clamp_min(_EPS)
+    return num / den
+
+
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    # Separable box filter; zero padding is fine because every statistic is divided by the
+    # same window mean, and the borders are background anyway.
+    c = x.shape[1]
+    pad = window // 2
+    k_row = torch.full((c, 1, window, 1), 1.0 / window, device=x.device, dtype=x.dtype)
+    k_col = torch.full((c, 1, 1, window), 1.0 / window, device=x.device, dtype=x.dtype)
+    x = F.conv2d(x, k_row, padding=(pad, 0), groups=c)
+    return F.conv2d(x, k_col, padding=(0, pad), groups=c)
+
+
+def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """Mean squared local NCC over ``window x window`` neighbourhoods, per batch item, in ``[0, 1]``.
+
+    The statistics of ``a``, ``b``, ``a*a``, ``b*b`` and ``a*b`` go through one batched box
+    filter (5 channels in one conv) because that is the hot path of the non-rigid stage.
+    """
+    stacked = torch.cat((a, b, a * a, b * b, a * b), dim=1)
+    means = _box_mean(stacked, window)
+    c = a.shape[1]
+    mu_a, mu_b, mu_aa, mu_bb, mu_ab = torch.split(means, c, dim=1)
+    cov = mu_ab - mu_a * mu_b
+    var_a = (mu_aa - mu_a * mu_a).clamp_min(0)
+    var_b = (mu_bb - mu_b * mu_b).clamp_min(0)
+    cc = cov * cov / (var_a * var_b + 1e-5)
+    return cc.mean(dim=tuple(range(1, cc.ndim)))
+
+
+def diffusion(field: torch.Tensor) -> torch.Tensor:
+    """Mean squared first differences of a ``(B, 2, H, W)`` field, per batch item."""
+    d_row = field[:, :, 1:, :] - field[:, :, :-1, :]
+    d_col = field[:, :, :, 1:] - field[:, :, :, :-1]
+    return (d_row.pow(2).mean(dim=(1, 2, 3)) + d_col.pow(2).mean(dim=(1, 2, 3)))
+
+
+def curvature(field: torch.Tensor) -> torch.Tensor:
+    """Mean squared Laplacian of a ``(B, 2, H, W)`` field, per batch item (curvature regulariser)."""
+    lap = (
+        field[:, :, 2:, 1:-1] + field[:, :, :-2, 1:-1] + field[:, :, 1:-1, 2:] + field[:, :, 1:-1, :-2]
+        - 4 * field[:, :, 1:-1, 1:-1]
+    )
+    return lap.pow(2).mean(dim=(1, 2, 3))

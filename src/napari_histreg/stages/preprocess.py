@@ -1,0 +1,205 @@
+"""Preprocessing: grey, inversion, anti-aliased resampling, centred padding, normalisation, and
+entropy-guided histogram equalisation (Pucci et al. 2024)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..conventions import Frame, to_tensor
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """``working_size``: the longer side of the working grid (never upsampled above the
+    originals). ``pad_multiple``: the padded grid is a multiple of this (pyramids, patches).
+    ``equalise``: histogram-match the lower-entropy image to the higher-entropy one.
+    ``clahe``: also apply adaptive equalisation (CLAHE) to both."""
+
+    working_size: int = 768
+    invert: bool = True
+    equalise: bool = True
+    clahe: bool = False
+    pad_multiple: int = 32
+
+
+@dataclasses.dataclass
+class PreparedPair:
+    """Both images on one working grid, as float32 in ``[0, 1]`` with tissue bright."""
+
+    source: np.ndarray
+    target: np.ndarray
+    source_frame: Frame
+    target_frame: Frame
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """Float32 grey in ``[0, 1]`` from grey/RGB/RGBA of any integer or float dtype."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        rgb = image[..., :3]
+        scale = _dtype_scale(rgb)
+        rgb = rgb.astype(np.float32) / scale
+        if image.shape[-1] == 4:
+            # Transparent pixels are background: composite the colour on white.
+            alpha = image[..., 3].astype(np.float32) / scale
+            rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
+        grey = rgb @ np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+    elif image.ndim == 2:
+        grey = image.astype(np.float32) / _dtype_scale(image)
+    else:
+        raise ValueError(f"expected a (H, W) grey or (H, W, 3|4) colour image, got shape {image.shape}")
+    return np.clip(grey, 0.0, 1.0) if np.issubdtype(image.dtype, np.integer) else _minmax(grey)
+
+
+def _dtype_scale(image: np.ndarray) -> float:
+    if image.dtype == np.uint8:
+        return 255.0
+    if image.dtype == np.uint16:
+        return 65535.0
+    if np.issubdtype(image.dtype, np.integer):
+        return float(max(image.max(), 1))
+    return 1.0
+
+
+def _minmax(image: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(image)), float(np.max(image))
+    if hi - lo < 1e-12:
+        return np.zeros_like(image, dtype=np.float32)
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def gaussian_kernel1d(sigma: float, device=None) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)``, reflect padding."""
+    if sigma <= 0:
+        return image
+    k = gaussian_kernel1d(sigma, device=image.device).to(image.dtype)
+    c = image.shape[1]
+    r = (k.numel() - 1) // 2
+    pad_r = min(r, image.shape[-2] - 1)
+    pad_c = min(r, image.shape[-1] - 1)
+    out = F.pad(image, (0, 0, pad_r, pad_r), mode="reflect") if pad_r > 0 else image
+    out = F.conv2d(out, k[r - pad_r : r + pad_r + 1].view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    out = F.pad(out, (pad_c, pad_c, 0, 0), mode="reflect") if pad_c > 0 else out
+    return F.conv2d(out, k[r - pad_c : r + pad_c + 1].view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+
+
+def resample(
+    image: np.ndarray | torch.Tensor, shape: tuple[int, int], device=None, align_corners: bool = False
+) -> torch.Tensor:
+    """Anti-aliased resampling of a ``(H, W)`` or ``(B, C, H, W)`` image to ``shape``.
+
+    Gaussian smoothing with ``sigma = ratio / 1.25`` before a bilinear resize. The default
+    pixel-centre alignment (``align_corners=False``) matches :class:`Frame`; pyramid levels
+    inside a stage use ``conventions.ALIGN_CORNERS`` so that normalised coordinates agree
+    across levels.
+    """
+    x = to_tensor(image, device=device)
+    squeeze = x.ndim == 2
+    if squeeze:
+        x = x[None, None]
+    ratio = max(x.shape[-2] / shape[0], x.shape[-1] / shape[1])
+    if ratio > 1:
+        x = gaussian_blur(x, ratio / 1.25)
+    if tuple(x.shape[-2:]) != tuple(shape):
+        x = F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=align_corners)
+    return x[0, 0] if squeeze else x
+
+
+def entropy(image: np.ndarray, bins: int = 256) -> float:
+    """Shannon entropy (bits) of the grey-level histogram of an image in ``[0, 1]``."""
+    hist, _ = np.histogram(image, bins=bins, range=(0.0, 1.0))
+    p = hist[hist > 0].astype(np.float64)
+    p /= p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def match_histogram(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Map the grey levels of ``image`` so that its histogram matches ``reference``'s."""
+    from skimage.exposure import match_histograms
+
+    return match_histograms(image, reference).astype(np.float32)
+
+
+def equalise_by_entropy(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram-match the lower-entropy image of the pair towards the higher-entropy one.
+
+    The richer histogram carries more structure; matching the poorer one to it brings the two
+    stains onto comparable grey levels without inventing detail in either.
+    """
+    if entropy(source) < entropy(target):
+        return match_histogram(source, target), target
+    return source, match_histogram(target, source)
+
+
+def working_scale(shapes: list[tuple[int, int]], working_size: int) -> float:
+    """One scale for all images (they share a pixel size), never above 1."""
+    longest = max(max(s) for s in shapes)
+    return min(1.0, working_size / longest)
+
+
+def prepare_image(image: np.ndarray, scale: float, config: PreprocessConfig, device=None) -> np.ndarray:
+    """Grey, inverted (tissue bright), resampled by ``scale``, min-max normalised."""
+    grey = to_grey(image)
+    if config.invert:
+        grey = 1.0 - grey
+    shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
+    small = resample(grey, shape, device=device).cpu().numpy()
+    return _minmax(small)
+
+
+def pad_to(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Centre ``image`` in a zero canvas of ``shape``; returns the canvas and the offset."""
+    off_r = (shape[0] - image.shape[0]) // 2
+    off_c = (shape[1] - image.shape[1]) // 2
+    canvas = np.zeros(shape, dtype=np.float32)
+    canvas[off_r : off_r + image.shape[0], off_c : off_c + image.shape[1]] = image
+    return canvas, (off_r, off_c)
+
+
+def preprocess_pair(
+    source: np.ndarray, target: np.ndarray, config: PreprocessConfig | None = None, device=None
+) -> PreparedPair:
+    """Both images on one centred working grid, tissue bright, intensities comparable."""
+    config = config or PreprocessConfig()
+    shapes = [tuple(source.shape[:2]), tuple(target.shape[:2])]
+    scale = working_scale(shapes, config.working_size)
+    src = prepare_image(source, scale, config, device)
+    tgt = prepare_image(target, scale, config, device)
+    if config.equalise:
+        src, tgt = equalise_by_entropy(src, tgt)
+    if config.clahe:
+        from skimage.exposure import equalize_adapthist
+
+        src = equalize_adapthist(src).astype(np.float32)
+        tgt = equalize_adapthist(tgt).astype(np.float32)
+    m = config.pad_multiple
+    common = (
+        int(math.ceil(max(src.shape[0], tgt.shape[0]) / m) * m),
+        int(math.ceil(max(src.shape[1], tgt.shape[1]) / m) * m),
+    )
+    frames = []
+    padded = []
+    for original_shape, small in zip(shapes, (src, tgt)):
+        canvas, offset = pad_to(small, common)
+        padded.append(canvas)
+        frames.append(
+            Frame(
+                original_shape=(int(original_shape[0]), int(original_shape[1])),
+                shape=common,
+                scale=(small.shape[0] / original_shape[0], small.shape[1] / original_shape[1]),
+                offset=(float(offset[0]), float(offset[1])),
+            )
+        )
+    return PreparedPair(padded[0], padded[1], frames[0], frames[1])

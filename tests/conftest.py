@@ -1,0 +1,27 @@
+"""Shared fixtures: where the real data lives, and a fast configuration for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_shared_data() -> Path | None:
+    """``$HISTREG_DATA`` or ``../shared/data`` beside the repository, if it holds dataset.csv."""
+    candidates = [os.environ.get("HISTREG_DATA"), REPO.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "dataset.csv").exists():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = find_shared_data()
+    if path is None:
+        pytest.skip("real histology data not found: set HISTREG_DATA or place it at ../shared/data")
+    return path
