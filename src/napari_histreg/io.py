@@ -19,6 +19,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".mha", ".mhd", ".bm
 MIN_SIZE = 64
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class HistRegInputError(ValueError):
     """Bad input: the message names the file or array and the problem."""
 
@@ -33,6 +42,8 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.exists(tmp):
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -61,10 +72,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise HistRegInputError(f"{path}: file not found")
     if path.is_dir():
         raise HistRegInputError(f"{path}: is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise HistRegInputError(f"{path}: file is empty")
     suffix = path.suffix.lower()
     try:
-        if suffix in (".mha", ".mhd"):
-            image = read_mha(path)
+        if suffix in (".mha", ".mhd") or (suffix == ".png" and _is_16bit_colour_png(path)):
+            image = read_mha(path)  # Pillow reduces 16-bit colour PNGs to 8 bits; SimpleITK keeps them
         elif suffix in (".tif", ".tiff"):
             import tifffile
 
@@ -76,11 +89,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except HistRegInputError:
         raise
     except Exception as err:  # the readers raise many types for a non-image
-        raise HistRegInputError(f"{path}: cannot be read as an image ({type(err).__name__}: {err})") from None
+        raise HistRegInputError(f"{path}: cannot be read as an image ({type(err).__name__}: {_last_line(err)})") from None
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[-1] not in (3, 4):
         image = np.moveaxis(image, 0, -1)  # channel-first TIFF
     return check_image(image, str(path))
+
+
+def _last_line(err: BaseException) -> str:
+    """The last non-empty line of an exception's message (SimpleITK's span several lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _is_16bit_colour_png(path) -> bool:
+    with open(path, "rb") as handle:
+        header = handle.read(26)
+    # signature (8) + IHDR length/type (8) + width, height (8) + bit depth (1) + colour type (1)
+    return header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) == 26 and header[24] == 16 and header[25] in (2, 6)
 
 
 def _is_pyramid(path) -> bool:
@@ -93,7 +119,7 @@ def _is_pyramid(path) -> bool:
 def check_image(image, name: str = "image") -> np.ndarray:
     """Validate an image array; raise :class:`HistRegInputError` naming ``name`` and the problem."""
     image = np.asarray(image)
-    if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+    if image.dtype == object or np.iscomplexobj(image) or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise HistRegInputError(f"{name}: not a numeric image (dtype {image.dtype})")
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
@@ -121,7 +147,7 @@ def read_mha(path) -> np.ndarray:
     try:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except RuntimeError as err:
-        raise HistRegInputError(f"{path}: cannot be read by SimpleITK ({str(err).strip().splitlines()[-1]})") from None
+        raise HistRegInputError(f"{path}: cannot be read by SimpleITK ({_last_line(err)})") from None
 
 
 def write_mha(path, array: np.ndarray, vector: bool | None = None) -> Path:

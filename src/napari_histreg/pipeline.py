@@ -103,7 +103,10 @@ class Pipeline:
 
         pair = timed("preprocess", self.preprocess, source, target)
         src, tgt = pair.source, pair.target
-        blank = [n for n, img in (("source", src), ("target", tgt)) if float(img.max() - img.min()) < 1e-6]
+        blank = [
+            n for n, img, raw in (("source", src, source), ("target", tgt, target))
+            if float(img.max() - img.min()) < 1e-6 or is_constant(raw)  # padding hides a constant input
+        ]
         identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         if blank:
             warnings.warn(
@@ -128,6 +131,28 @@ class Pipeline:
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
         return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
+
+
+MAX_SIZE_RATIO = 4.0
+
+
+def check_pair_shapes(source_shape, target_shape, source_name: str = "source", target_name: str = "target") -> None:
+    """Raise :class:`HistRegInputError` when the two images differ in size by more than
+    :data:`MAX_SIZE_RATIO` along either axis (they are then not at the same pixel size)."""
+    (hs, ws), (ht, wt) = source_shape[:2], target_shape[:2]
+    ratio = max(hs / ht, ht / hs, ws / wt, wt / ws)
+    if ratio > MAX_SIZE_RATIO:
+        raise HistRegInputError(
+            f"{source_name} ({ws}x{hs}, w x h) and {target_name} ({wt}x{ht}): sizes differ by {ratio:.1f}x "
+            f"(more than {MAX_SIZE_RATIO:g}x); resample one of them to the other's pixel size first"
+        )
+
+
+def is_constant(image: np.ndarray) -> bool:
+    """True when every pixel of ``image`` (``(H, W)`` or ``(H, W, C)``) has the same value."""
+    image = np.asarray(image)
+    flat = image.reshape(-1, image.shape[-1]) if image.ndim == 3 else image.reshape(-1, 1)
+    return bool(flat.size == 0 or (flat == flat[0]).all())
 
 
 def _as_image(value, name: str) -> np.ndarray:
@@ -160,16 +185,10 @@ def register(
     ``progress``: called with :class:`~napari_histreg.progress.ProgressEvent`; raise
     :class:`~napari_histreg.progress.RegistrationCancelled` from it to stop.
     """
-    source_image = _as_image(source, str(source) if isinstance(source, (str, Path)) else "source")
-    target_image = _as_image(target, str(target) if isinstance(target, (str, Path)) else "target")
-    ratio = max(
-        source_image.shape[0] / target_image.shape[0], target_image.shape[0] / source_image.shape[0],
-        source_image.shape[1] / target_image.shape[1], target_image.shape[1] / source_image.shape[1],
-    )
-    if ratio > 4:
-        raise HistRegInputError(
-            f"source is {source_image.shape[0]}x{source_image.shape[1]} and target {target_image.shape[0]}x{target_image.shape[1]}: "
-            "sizes differ by more than 4x; resample one of them to the other's pixel size first"
-        )
+    source_name = str(source) if isinstance(source, (str, Path)) else "source"
+    target_name = str(target) if isinstance(target, (str, Path)) else "target"
+    source_image = _as_image(source, source_name)
+    target_image = _as_image(target, target_name)
+    check_pair_shapes(source_image.shape, target_image.shape, source_name, target_name)
     pipeline = pipeline or Pipeline(config, device=device, seed=seed)
     return pipeline.run(source_image, target_image, progress)

@@ -1,0 +1,598 @@
+"""Layers <-> arrays, and registration results -> napari ``LayerDataTuple``s.
+
+Nothing here imports Qt, so it works from a script or the napari console as well as from the
+widgets. Coordinates: a layer's *data* coordinates of an image are its pixels ``(row, col)``;
+the registration works in original source / target pixels, and every output layer is placed
+with the target layer's world transform (scale and translate), so it overlays the target.
+
+Console example::
+
+    from napari_histreg import register
+    from napari_histreg._napari.layers import add_layers, result_to_layers
+
+    src, tgt = viewer.layers["source"], viewer.layers["target"]
+    result = register(src.data, tgt.data)
+    add_layers(viewer, result_to_layers(result, src, target_layer=tgt))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+LayerDataTuple = tuple  # (data, kwargs, layer_type)
+
+#: longer side of the grid the displacement preview (vectors, magnitude, Jacobian) is computed on
+PREVIEW_SIZE = 1024
+#: default number of arrows along the longer side of the target
+VECTOR_GRID = 32
+
+
+# --------------------------------------------------------------------------- layer snapshots
+@dataclasses.dataclass
+class LayerRef:
+    """What the registration needs of a layer, captured on the GUI thread so that a worker
+    thread never touches a live layer. ``data`` is the layer's data (not copied)."""
+
+    name: str
+    kind: str  # "image", "labels", "points", "shapes", ...
+    data: Any
+    scale: tuple[float, ...] = (1.0, 1.0)
+    translate: tuple[float, ...] = (0.0, 0.0)
+    rgb: bool = False
+    multiscale: bool = False
+    features: Any = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    world_matrix: Any = None  # (D+1, D+1) data -> world, or None where scale/translate say it all
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        data = self.data[0] if self.multiscale else self.data
+        return tuple(data.shape)
+
+    def to_world(self, coords) -> np.ndarray:
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, len(self.scale))
+        if self.world_matrix is not None:
+            m = np.asarray(self.world_matrix, dtype=np.float64)
+            return coords @ m[:-1, :-1].T + m[:-1, -1]
+        return coords * np.asarray(self.scale) + np.asarray(self.translate)
+
+    def to_data(self, world) -> np.ndarray:
+        world = np.asarray(world, dtype=np.float64).reshape(-1, len(self.scale))
+        if self.world_matrix is not None:
+            m = np.linalg.inv(np.asarray(self.world_matrix, dtype=np.float64))
+            return world @ m[:-1, :-1].T + m[:-1, -1]
+        return (world - np.asarray(self.translate)) / np.asarray(self.scale)
+
+
+def snapshot(layer) -> LayerRef:
+    """A :class:`LayerRef` of a napari layer (or pass a ``LayerRef`` through)."""
+    if layer is None or isinstance(layer, LayerRef):
+        return layer
+    layer = unwrap(layer)
+    kind = layer_kind(layer)
+    extra: dict = {}
+    if kind == "shapes":
+        extra["shape_type"] = list(layer.shape_type)
+        extra["edge_color"] = np.asarray(layer.edge_color).copy()
+        extra["face_color"] = np.asarray(layer.face_color).copy()
+        extra["edge_width"] = list(layer.edge_width)
+    if kind == "points":
+        extra["size"] = np.asarray(layer.size).copy()
+    if kind == "image":
+        extra["colormap"] = getattr(layer.colormap, "name", None)
+        extra["contrast_limits"] = tuple(layer.contrast_limits)
+    matrix = world_matrix(layer)
+    features = layer.features.copy() if hasattr(layer, "features") else None
+    return LayerRef(
+        name=layer.name,
+        kind=kind,
+        data=layer.data,
+        scale=tuple(float(s) for s in layer.scale),
+        translate=tuple(float(t) for t in layer.translate),
+        rgb=bool(getattr(layer, "rgb", False)),
+        multiscale=bool(getattr(layer, "multiscale", False)),
+        features=features,
+        extra=extra,
+        world_matrix=matrix,
+    )
+
+
+def unwrap(obj):
+    """The object behind napari's ``PublicOnlyProxy`` (what plugin widgets are given)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def layer_kind(layer) -> str:
+    """``"image"``, ``"points"``, ... (``__class__`` also sees through napari's proxies)."""
+    return layer.__class__.__name__.lower()
+
+
+def world_matrix(layer):
+    """The layer's ``(D+1, D+1)`` data-to-world matrix, ``affine @ (rotate shear scale +
+    translate)`` from public properties; None when scale and translate alone describe it."""
+    scale = np.asarray(layer.scale, dtype=np.float64)
+    translate = np.asarray(layer.translate, dtype=np.float64)
+    n = len(scale)
+    rotate = np.asarray(getattr(layer, "rotate", np.eye(n)), dtype=np.float64)
+    shear = np.asarray(getattr(layer, "shear", np.zeros(n * (n - 1) // 2)), dtype=np.float64)
+    affine = getattr(layer, "affine", None)
+    outer = np.asarray(affine.affine_matrix, dtype=np.float64) if affine is not None else np.eye(n + 1)
+    if np.allclose(rotate, np.eye(n)) and not np.any(shear) and np.allclose(outer, np.eye(n + 1)):
+        return None
+    if shear.ndim == 2:
+        shear_matrix = shear
+    else:
+        shear_matrix = np.eye(n)
+        shear_matrix[np.triu_indices(n, 1)] = shear
+    inner = np.eye(n + 1)
+    inner[:n, :n] = rotate @ shear_matrix @ np.diag(scale)
+    inner[:n, n] = translate
+    return outer @ inner
+
+
+# --------------------------------------------------------------------------- image arrays
+def image_array(layer, max_side: int | None = 4096) -> tuple[np.ndarray, float]:
+    """A 2D image layer (grey or RGB, numpy, dask, or multiscale) as a numpy array.
+
+    For a multiscale layer the smallest level whose longer side is at least ``max_side`` is
+    used (the registration works at a much lower resolution anyway). Returns the array and the
+    ratio ``level pixels / level-0 pixels`` (1.0 for a single-scale layer).
+    """
+    ref = snapshot(layer)
+    data = ref.data
+    ratio = 1.0
+    if ref.multiscale:
+        levels = list(data)
+        full = levels[0].shape
+        chosen = levels[0]
+        for level in levels:
+            if max_side is None or max(level.shape[:2]) >= max_side:
+                chosen = level
+        data = chosen
+        ratio = chosen.shape[0] / full[0]
+    if hasattr(data, "compute") and not isinstance(data, np.ndarray):
+        data = data.compute()
+    array = np.asarray(data)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and not ref.rgb and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"layer {ref.name!r}: expected a 2D grey or RGB image, got shape {array.shape}; "
+            "select one plane or channel first"
+        )
+    return array, ratio
+
+
+def image_ref(layer, max_side: int | None = 4096) -> LayerRef:
+    """A single-scale :class:`LayerRef` with numpy data: for a multiscale layer the level
+    chosen by :func:`image_array`, placed where it sits in the world. Downstream code can then
+    treat it as the image that was registered."""
+    ref = snapshot(layer)
+    array, ratio = image_array(ref, max_side)
+    if ratio == 1.0:
+        return dataclasses.replace(ref, data=array, multiscale=False)
+    place = placement(ref, ratio)
+    return dataclasses.replace(
+        ref, data=array, multiscale=False, scale=place["scale"], translate=place["translate"],
+        world_matrix=None,
+    )
+
+
+# --------------------------------------------------------------------------- placement
+def placement(target, ratio: float = 1.0) -> dict:
+    """``scale`` / ``translate`` kwargs that put an array on the target grid into the target
+    layer's world frame. ``ratio`` is array pixels per target pixel (1 for full resolution)."""
+    if target is None:
+        return {}
+    ref = snapshot(target)
+    scale = np.asarray(ref.scale[-2:], dtype=np.float64)
+    translate = np.asarray(ref.translate[-2:], dtype=np.float64)
+    if ratio != 1.0:
+        # pixel centres: array pixel a sits at target pixel (a + 0.5) / ratio - 0.5
+        translate = translate + scale * (0.5 / ratio - 0.5)
+        scale = scale / ratio
+    return {"scale": tuple(scale.tolist()), "translate": tuple(translate.tolist())}
+
+
+def working_placement(frame, target=None) -> dict:
+    """``scale`` / ``translate`` that overlay a working-grid image on the target layer:
+    working ``w`` is original target pixel ``(w - offset + 0.5) / scale - 0.5``."""
+    s = np.asarray(frame.scale, dtype=np.float64)
+    off = np.asarray(frame.offset, dtype=np.float64)
+    ref = snapshot(target) if target is not None else None
+    t_scale = np.asarray(ref.scale[-2:], dtype=np.float64) if ref else np.ones(2)
+    t_trans = np.asarray(ref.translate[-2:], dtype=np.float64) if ref else np.zeros(2)
+    scale = t_scale / s
+    translate = t_trans + t_scale * ((0.5 - off) / s - 0.5)
+    return {"scale": tuple(scale.tolist()), "translate": tuple(translate.tolist())}
+
+
+def points_in_pixels(points_layer, image_layer=None) -> np.ndarray:
+    """``(N, 2)`` (row, col) of a Points layer in the pixels of ``image_layer`` (through world
+    coordinates); without an image layer the points' own data coordinates are used."""
+    ref = snapshot(points_layer)
+    data = np.asarray(ref.data, dtype=np.float64).reshape(-1, len(ref.scale))
+    if image_layer is None:
+        return data[:, -2:]
+    image = snapshot(image_layer)
+    world = ref.to_world(data)[:, -2:]
+    return image.to_data(world)[:, -2:]
+
+
+# --------------------------------------------------------------------------- landmarks
+def landmark_layer(points_rc, ids=None, name="landmarks", *, color="yellow", size=None, extent=None, **kwargs) -> LayerDataTuple:
+    """A Points ``LayerDataTuple`` with the landmark ids as the ``id`` feature and as text."""
+    points = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+    if ids is None:
+        ids = [str(i) for i in range(len(points))]
+    ids = np.asarray([str(i) for i in ids], dtype=object)
+    if size is None:
+        size = max(4.0, (max(extent) / 80.0) if extent is not None else 10.0)
+    kw = {
+        "name": name,
+        "features": {"id": ids},
+        "feature_defaults": {"id": ""},
+        "text": {"string": "{id}", "size": 9, "color": color, "anchor": "upper_left"},
+        "face_color": color,
+        "border_color": "black",
+        "size": size,
+        "symbol": "disc",
+    }
+    kw.update(kwargs)
+    return (points, kw, "points")
+
+
+def landmark_ids(layer_or_features, n: int | None = None) -> list[str]:
+    """The ``id`` feature of a Points layer as strings (``0..N-1`` where it has none)."""
+    features = getattr(layer_or_features, "features", layer_or_features)
+    if n is None:
+        n = len(getattr(layer_or_features, "data", features if features is not None else []))
+    columns = features.keys() if isinstance(features, dict) else getattr(features, "columns", ())
+    if features is not None and "id" in columns:
+        return [_id_str(v) for v in features["id"]]
+    return [str(i) for i in range(n)]
+
+
+def _id_str(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# --------------------------------------------------------------------------- fields
+def preview_field(result, max_side: int = PREVIEW_SIZE) -> tuple[np.ndarray, float]:
+    """The backward field on a grid no larger than ``max_side`` along the longer target side,
+    in *target pixels* of that grid, and the ratio ``grid pixels / target pixels``."""
+    h, w = result.target_shape
+    ratio = min(1.0, max_side / max(h, w))
+    if ratio >= 1.0:
+        return result.field(), 1.0
+    hs, ws = result.source_shape
+    field = result.field(source_shape=(max(1, round(hs * ratio)), max(1, round(ws * ratio))))
+    return field, field.shape[1] / h
+
+
+def field_to_vectors(field: np.ndarray, grid: int = VECTOR_GRID, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Subsample a backward field ``(2, H, W)`` to about ``grid`` arrows along the longer side.
+
+    Returns napari vectors ``(N, 2, 2)`` (start ``(row, col)``, projection ``(drow, dcol)``) in
+    full-resolution target pixels, and their magnitudes. The arrow at target pixel ``p`` points
+    to ``p + u(p)``, the source position that ``p`` samples. ``ratio``: grid pixels per target
+    pixel of ``field`` (see :func:`preview_field`).
+    """
+    field = np.asarray(field, dtype=np.float32)
+    _, h, w = field.shape
+    step = max(1, int(round(max(h, w) / max(1, grid))))
+    rows = np.arange(step // 2, h, step)
+    cols = np.arange(step // 2, w, step)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    starts = np.stack([rr.ravel(), cc.ravel()], axis=1).astype(np.float64)
+    proj = field[:, rr.ravel(), cc.ravel()].T.astype(np.float64)
+    if ratio != 1.0:
+        starts = (starts + 0.5) / ratio - 0.5
+        proj = proj / ratio
+    vectors = np.stack([starts, proj], axis=1)
+    return vectors, np.linalg.norm(proj, axis=1)
+
+
+def jacobian_determinant(field: np.ndarray) -> np.ndarray:
+    """``det(I + grad u)`` of the map ``p -> p + u(p)`` (1: area kept, <0: folding)."""
+    u = np.asarray(field, dtype=np.float64)
+    dr_dr, dr_dc = np.gradient(u[0])
+    dc_dr, dc_dc = np.gradient(u[1])
+    return ((1.0 + dr_dr) * (1.0 + dc_dc) - dr_dc * dc_dr).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- results
+def background_value(image: np.ndarray) -> float:
+    """Fill value for pixels warped in from outside the image: the median of its outermost
+    pixels (white glass for brightfield RGB, ~0 for fluorescence)."""
+    image = np.asarray(image)
+    border = np.concatenate([image[0].ravel(), image[-1].ravel(), image[:, 0].ravel(), image[:, -1].ravel()])
+    return float(np.median(border))
+
+
+def warped_name(source_name: str) -> str:
+    return f"{source_name} registered"
+
+
+def result_to_layers(
+    result,
+    source=None,
+    *,
+    target_layer=None,
+    source_points=None,
+    source_name: str | None = None,
+    vectors: bool = True,
+    grid: int = VECTOR_GRID,
+    magnitude: bool = False,
+    jacobian: bool = False,
+) -> list[LayerDataTuple]:
+    """``LayerDataTuple``s showing a :class:`~napari_histreg.RegistrationResult`.
+
+    ``source``: the source image (a napari Image layer or an array, any resolution of the
+    registered source) to warp onto the target; ``target_layer``: the target Image layer (or
+    ``LayerRef``), whose scale/translate every output gets so that it overlays the target;
+    ``source_points``: a Points layer of source landmarks, mapped into the target frame (ids
+    kept). ``vectors``: the deformation as a Vectors layer of about ``grid`` arrows along the
+    longer side, coloured by the ``magnitude`` feature; ``magnitude`` / ``jacobian``: also
+    images of the displacement magnitude and the Jacobian determinant.
+
+    Layers are named after the source (``"<source> registered"``, ``"<source> deformation"``,
+    ...), so adding them again (:func:`add_layers`, or returning them from a magicgui widget)
+    updates the same layers in place.
+    """
+    src_ref = snapshot(source) if source is not None and not isinstance(source, np.ndarray) and hasattr(source, "data") else None
+    name = source_name or (src_ref.name if src_ref is not None else "source")
+    tgt_ref = snapshot(target_layer)
+    out: list[LayerDataTuple] = []
+    info = {"histreg": {"stage": result.info.get("stage", "register"), "timings": dict(result.timings)}}
+
+    if source is not None:
+        if src_ref is not None and src_ref.kind == "image":
+            array, level_ratio = image_array(src_ref)
+            rgb = src_ref.rgb
+        else:
+            array, level_ratio = np.asarray(source), 1.0
+            rgb = array.ndim == 3 and array.shape[-1] in (3, 4)
+        warped = result.warp(array, cval=background_value(array))
+        ratio = warped.shape[0] / result.target_shape[0]
+        kw = {"name": warped_name(name), "opacity": 0.6, "blending": "translucent", "metadata": info, **placement(tgt_ref, ratio)}
+        if not rgb:
+            kw["colormap"] = "magenta"
+            kw["blending"] = "additive"
+            kw["opacity"] = 0.8
+            if src_ref is not None and src_ref.extra.get("contrast_limits"):
+                kw["contrast_limits"] = src_ref.extra["contrast_limits"]
+        kw["rgb"] = bool(rgb)
+        out.append((warped, kw, "image"))
+
+    if vectors or magnitude or jacobian:
+        field, ratio = preview_field(result)
+        extent = max(result.target_shape)
+        if vectors:
+            vec, mag = field_to_vectors(field, grid, ratio)
+            step = extent / max(1, grid)
+            out.append(
+                (
+                    vec,
+                    {
+                        "name": f"{name} deformation",
+                        "features": {"magnitude": mag},
+                        "edge_color": "magnitude",
+                        "edge_colormap": "viridis",
+                        "edge_width": max(1.0, step / 14.0),
+                        "opacity": 0.8,
+                        "length": 1.0,
+                        "vector_style": "arrow",
+                        **placement(tgt_ref),
+                    },
+                    "vectors",
+                )
+            )
+        if magnitude:
+            out.append(
+                (
+                    np.hypot(field[0], field[1]).astype(np.float32) / ratio,
+                    {"name": f"{name} displacement magnitude", "colormap": "inferno", "visible": False, **placement(tgt_ref, ratio)},
+                    "image",
+                )
+            )
+        if jacobian:
+            det = jacobian_determinant(field)
+            out.append(
+                (
+                    det,
+                    {
+                        "name": f"{name} Jacobian determinant",
+                        "colormap": "PiYG",
+                        "contrast_limits": (0.0, 2.0),
+                        "visible": False,
+                        **placement(tgt_ref, ratio),
+                    },
+                    "image",
+                )
+            )
+
+    if source_points is not None:
+        out.append(map_points_layer(result, source_points, source_image=src_ref, target_layer=tgt_ref))
+    return out
+
+
+def map_points_layer(result, points, *, source_image=None, target_layer=None, name=None) -> LayerDataTuple:
+    """Source landmarks (a Points layer) mapped into the target frame, ids kept."""
+    ref = snapshot(points)
+    src = snapshot(source_image)
+    if src is not None and src.multiscale is False and src.kind == "image":
+        rc = points_in_pixels(ref, src)
+        source_shape = src.shape[:2]
+    else:
+        rc = points_in_pixels(ref)
+        source_shape = None
+    rc = _to_registered_resolution(rc, result, source_shape)
+    mapped = result.map_source_points(rc) if len(rc) else np.zeros((0, 2))
+    ids = landmark_ids(ref.features, len(rc)) if ref.features is not None else None
+    size = float(np.median(ref.extra["size"])) if ref.extra.get("size") is not None and np.size(ref.extra["size"]) else None
+    return landmark_layer(
+        mapped, ids, name or warped_name(ref.name), color="magenta", size=size, extent=result.target_shape, **placement(target_layer)
+    )
+
+
+def _to_registered_resolution(rc, result, image_shape):
+    if image_shape is None or tuple(image_shape) == tuple(result.source_shape):
+        return np.asarray(rc, dtype=np.float64)
+    ratio = np.asarray(result.source_shape, dtype=np.float64) / np.asarray(image_shape[:2], dtype=np.float64)
+    return (np.asarray(rc, dtype=np.float64) + 0.5) * ratio - 0.5
+
+
+# --------------------------------------------------------------------------- applying a transform
+def transform_layer(result, layer, *, target_layer=None, source_image=None, name: str | None = None) -> LayerDataTuple:
+    """Apply a registration to another layer of the source: an Image (another stain or channel;
+    RGB kept; a channel stack ``(C, H, W)`` warped plane by plane), Labels (nearest neighbour),
+    Points (``map_source_points``) or Shapes (vertices mapped; edges densified first so curved
+    deformations stay visible).
+
+    The layer's data coordinates are taken as source pixels (``source_image``, when given,
+    converts Points/Shapes through world coordinates instead). The output is placed with
+    ``target_layer``'s scale/translate (or the input layer's own scale where none is given).
+    """
+    ref = snapshot(layer)
+    tgt = snapshot(target_layer)
+    out_name = name or warped_name(ref.name)
+    if ref.kind in ("image", "labels"):
+        data = ref.data[0] if ref.multiscale else ref.data
+        if ref.kind == "image" and (ref.rgb or np.ndim(data) == 2):
+            array, _ = image_array(ref)
+        else:
+            array = np.asarray(data.compute() if hasattr(data, "compute") else data)
+        order = 0 if ref.kind == "labels" else 1
+        stack = array.ndim == 3 and not (ref.kind == "image" and ref.rgb)
+        if array.ndim not in (2, 3):
+            raise ValueError(f"layer {ref.name!r}: expected a 2D image (or a stack of 2D planes), got shape {array.shape}")
+        if stack:
+            warped = np.stack([result.warp(plane, order=order, cval=_fill(plane, ref.kind)) for plane in array])
+            ratio = warped.shape[1] / result.target_shape[0]
+        else:
+            warped = result.warp(array, order=order, cval=_fill(array, ref.kind))
+            ratio = warped.shape[0] / result.target_shape[0]
+        kw: dict = {"name": out_name}
+        if tgt is not None:
+            place = placement(tgt, ratio)
+        else:
+            place = {"scale": ref.scale[-2:], "translate": ref.translate[-2:]}
+        if stack:
+            place = {"scale": (1.0,) + tuple(place["scale"]), "translate": (0.0,) + tuple(place["translate"])}
+        kw.update(place)
+        if ref.kind == "image":
+            kw["rgb"] = ref.rgb
+            if ref.extra.get("colormap") and not ref.rgb:
+                kw["colormap"] = ref.extra["colormap"]
+        return (warped, kw, ref.kind)
+    if ref.kind == "points":
+        tup = map_points_layer(result, ref, source_image=source_image, target_layer=tgt, name=out_name)
+        if tgt is None:
+            tup[1].update({"scale": ref.scale[-2:], "translate": ref.translate[-2:]})
+        return tup
+    if ref.kind == "shapes":
+        src = snapshot(source_image)
+        shapes, types = [], []
+        for verts, kind in zip(ref.data, ref.extra["shape_type"]):
+            verts = np.asarray(verts, dtype=np.float64)[:, -2:]
+            if src is not None:
+                verts = src.to_data(ref.to_world(np.asarray(verts)))[:, -2:]
+            dense, new_kind = _densify_shape(verts, kind)
+            shapes.append(result.map_source_points(dense))
+            types.append(new_kind)
+        kw = {"name": out_name, "shape_type": types}
+        if len(ref.data):
+            kw["edge_color"] = ref.extra["edge_color"]
+            kw["face_color"] = ref.extra["face_color"]
+            kw["edge_width"] = ref.extra["edge_width"]
+        kw.update(placement(tgt) if tgt is not None else {"scale": ref.scale[-2:], "translate": ref.translate[-2:]})
+        return (shapes, kw, "shapes")
+    raise ValueError(f"layer {ref.name!r}: cannot apply a transform to a {ref.kind} layer")
+
+
+def _fill(array, kind: str) -> float:
+    return background_value(array) if kind == "image" else 0.0
+
+
+def _densify_shape(verts: np.ndarray, kind: str, pieces: int = 16) -> tuple[np.ndarray, str]:
+    """Vertices of a shape as a polygon/path with ``pieces`` points per edge (ellipses: 64)."""
+    if kind == "ellipse":
+        centre = verts.mean(axis=0)
+        # napari ellipse vertices are the 4 corners of the bounding box (possibly rotated)
+        a = (verts[1] - verts[0]) / 2.0
+        b = (verts[3] - verts[0]) / 2.0
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)[:, None]
+        return centre + np.cos(t) * a + np.sin(t) * b, "polygon"
+    closed = kind in ("rectangle", "polygon")
+    pts = np.vstack([verts, verts[:1]]) if closed else verts
+    dense = [pts[0][None]]
+    for p, q in zip(pts[:-1], pts[1:]):
+        s = np.linspace(0, 1, pieces + 1)[1:, None]
+        dense.append(p + s * (q - p))
+    dense = np.vstack(dense)
+    if closed:
+        dense = dense[:-1]
+    return dense, ("polygon" if closed else "path")
+
+
+# --------------------------------------------------------------------------- viewer updates
+# kwargs that only a constructor takes: a change of them means replacing the layer
+_CONSTRUCT_ONLY = {"rgb", "multiscale", "ndim", "cache", "feature_defaults"}
+
+
+def add_layers(viewer, layer_data: Sequence[LayerDataTuple]) -> list:
+    """Add ``LayerDataTuple``s to ``viewer``; a layer of the same name and type is updated in
+    place (data and properties), so re-running a registration replaces its outputs."""
+    viewer = unwrap(viewer)
+    layers = []
+    for datum in layer_data:
+        data, kwargs, kind = (tuple(datum) + ({}, "image"))[:3]
+        kwargs = dict(kwargs or {})
+        name = kwargs.get("name")
+        existing = viewer.layers[name] if name and name in viewer.layers else None
+        if existing is not None and layer_kind(existing) == kind and _compatible(existing, data, kwargs):
+            _update_layer(existing, data, kwargs)
+            layers.append(existing)
+            continue
+        index = viewer.layers.index(existing) if existing is not None else None
+        if existing is not None:
+            viewer.layers.remove(existing)
+        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+        if index is not None:
+            viewer.layers.move(viewer.layers.index(layer), index)
+        layers.append(layer)
+    return layers
+
+
+def _compatible(layer, data, kwargs) -> bool:
+    if layer_kind(layer) == "shapes":
+        return False  # shape types and per-shape styles: simpler to rebuild
+    if "rgb" in kwargs and bool(getattr(layer, "rgb", False)) != bool(kwargs["rgb"]):
+        return False
+    if hasattr(data, "ndim") and hasattr(layer, "ndim") and layer_kind(layer) in ("image", "labels"):
+        data_ndim = data.ndim - (1 if kwargs.get("rgb") else 0)
+        return data_ndim == layer.ndim
+    return True
+
+
+def _update_layer(layer, data, kwargs) -> None:
+    kind = layer_kind(layer)
+    props = {k: v for k, v in kwargs.items() if k not in _CONSTRUCT_ONLY and k != "name"}
+    features = props.pop("features", None)
+    layer.data = data
+    if features is not None:
+        layer.features = features
+    for key, value in props.items():
+        try:
+            setattr(layer, key, value)
+        except (AttributeError, TypeError, ValueError):
+            pass
+    if kind == "image" and "contrast_limits" not in kwargs:
+        layer.reset_contrast_limits()

@@ -1,0 +1,152 @@
+"""The one-click Register widget: the whole pipeline with sensible defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
+
+from ...pipeline import RegistrationConfig, register
+from ...progress import report
+from ..layers import add_layers, image_ref, result_to_layers, snapshot
+from ._base import DEVICES, RunWidget, layer_picker
+
+
+def scaled(iterations, factor: float) -> tuple[int, ...]:
+    """Iterations per level times ``factor`` (at least 1 each)."""
+    return tuple(max(1, int(round(i * factor))) for i in iterations)
+
+
+def build_config(
+    *,
+    working_size: int | None = None,
+    nonrigid_method: str = "dense",
+    iterations_factor: float = 1.0,
+    regularisation: float | None = None,
+    use_initial: bool = True,
+    use_affine: bool = True,
+    use_mask: bool = False,
+) -> RegistrationConfig:
+    """A :class:`RegistrationConfig` from the widget's few knobs (defaults elsewhere)."""
+    config = RegistrationConfig()
+    if working_size:
+        config.preprocess = dataclasses.replace(config.preprocess, working_size=int(working_size))
+    config.nonrigid_method = nonrigid_method
+    config.use_initial = bool(use_initial)
+    config.use_affine = bool(use_affine)
+    config.use_mask = bool(use_mask)
+    if iterations_factor != 1.0:
+        config.affine = dataclasses.replace(config.affine, iterations=scaled(config.affine.iterations, iterations_factor))
+        config.dense = dataclasses.replace(config.dense, iterations=scaled(config.dense.iterations, iterations_factor))
+        config.patches = dataclasses.replace(config.patches, iterations=scaled(config.patches.iterations, iterations_factor))
+    if regularisation is not None:
+        config.dense = dataclasses.replace(config.dense, regularisation=float(regularisation))
+    return config
+
+
+def resolve_device(name: str):
+    """``auto`` / ``cpu`` / ``cuda`` / ``mps`` to a torch device; an unavailable one raises a
+    ``ValueError`` naming it (before any worker starts)."""
+    from ...conventions import default_device
+
+    return default_device(None if name == "auto" else name)
+
+
+class RegisterWidget(RunWidget):
+    """Register a source section onto a target section and show the result.
+
+    Adds the warped source on the target (same scale/translate, updated in place when run
+    again), the deformation as arrows, and, when a source landmarks layer is chosen, the
+    landmarks mapped into the target frame. The advanced section holds the stage parameters.
+    """
+
+    run_text = "Register"
+    stages = ("preprocess", "mask", "initial", "affine", "nonrigid", "layers")
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
+        defaults = RegistrationConfig()
+        self.source = layer_picker(napari_viewer, "source (moving)", ("image",), prefer="source")
+        self.target = layer_picker(napari_viewer, "target (fixed)", ("image",), prefer="target")
+        self.source_points = layer_picker(napari_viewer, "source landmarks", ("points",), nullable=True, prefer="source")
+        self.show_vectors = CheckBox(value=True, text="show deformation arrows")
+        self.show_advanced = CheckBox(value=False, text="advanced settings")
+        self.working_size = SpinBox(value=defaults.preprocess.working_size, min=128, max=4096, step=64, label="working size (px)")
+        self.use_initial = CheckBox(value=defaults.use_initial, text="initial alignment (rotation search)")
+        self.use_affine = CheckBox(value=defaults.use_affine, text="affine")
+        self.use_mask = CheckBox(value=defaults.use_mask, text="tissue mask (Otsu)")
+        self.nonrigid_method = ComboBox(value=defaults.nonrigid_method, choices=["dense", "patches", "none"], label="non-rigid")
+        self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
+        self.regularisation = FloatSpinBox(value=defaults.dense.regularisation, min=0.0, max=1000.0, step=0.5, label="regularisation")
+        self.show_magnitude = CheckBox(value=False, text="displacement magnitude image")
+        self.show_jacobian = CheckBox(value=False, text="Jacobian determinant image")
+        self.device = ComboBox(value="auto", choices=list(DEVICES), label="device")
+        self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
+        self.advanced = Container(
+            widgets=[
+                self.working_size, self.use_initial, self.use_affine, self.use_mask, self.nonrigid_method,
+                self.iterations, self.regularisation, self.show_magnitude, self.show_jacobian, self.device, self.seed,
+            ],
+            label="",
+        )
+        self.advanced.visible = False
+        self.show_advanced.changed.connect(self._toggle_advanced)
+        super().__init__(
+            napari_viewer,
+            [self.source, self.target, self.source_points, self.show_vectors, self.show_advanced, self.advanced],
+        )
+
+    def _toggle_advanced(self, value: bool) -> None:
+        self.advanced.visible = bool(value)
+
+    def config(self) -> RegistrationConfig:
+        return build_config(
+            working_size=self.working_size.value,
+            nonrigid_method=self.nonrigid_method.value,
+            iterations_factor=self.iterations.value,
+            regularisation=self.regularisation.value,
+            use_initial=self.use_initial.value,
+            use_affine=self.use_affine.value,
+            use_mask=self.use_mask.value,
+        )
+
+    def prepare(self):
+        source, target = self.source.value, self.target.value
+        if source is None or target is None:
+            raise ValueError("choose a source and a target image layer")
+        if source is target:
+            raise ValueError("source and target are the same layer")
+        config = self.config()
+        device = resolve_device(self.device.value)
+        seed = int(self.seed.value)
+        src, tgt = snapshot(source), snapshot(target)
+        points = snapshot(self.source_points.value)
+        vectors, magnitude, jacobian = self.show_vectors.value, self.show_magnitude.value, self.show_jacobian.value
+        self._active_stages = tuple(
+            s for s in self.stages
+            if s not in ("initial", "affine", "mask", "nonrigid")
+            or (s == "initial" and config.use_initial)
+            or (s == "affine" and config.use_affine)
+            or (s == "mask" and config.use_mask)
+            or (s == "nonrigid" and config.nonrigid_method != "none")
+        )
+
+        def job(progress):
+            src_level, tgt_level = image_ref(src), image_ref(tgt)
+            result = register(src_level.data, tgt_level.data, config, device=device, seed=seed, progress=progress)
+            result.info["stage"] = "register"
+            report(progress, "layers", 0, 1, "warping the source")
+            layers = result_to_layers(
+                result, src_level, target_layer=tgt_level, source_points=points,
+                vectors=vectors, magnitude=magnitude, jacobian=jacobian,
+            )
+            report(progress, "layers", 1, 1, "adding layers")
+            return result, layers, src.name, tgt.name
+
+        return job
+
+    def apply(self, payload) -> str:
+        result, layers, source_name, target_name = payload
+        add_layers(self.viewer, layers)
+        self.session.set_result(result, source_name, target_name)
+        total = result.timings.get("total")
+        return f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")

@@ -1,0 +1,273 @@
+"""One widget per pipeline stage. They continue from each other through the viewer's session:
+
+Preprocess -> (working pair) -> Initial alignment -> (matrix) -> Affine -> (matrix) -> Non-rigid.
+
+A stage whose input is missing for the chosen layers computes it with the defaults first
+(e.g. Affine on a pair that was never preprocessed preprocesses it), so any widget can be used
+on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
+
+from ...conventions import affine_to_field
+from ...progress import report
+from ...result import RegistrationResult
+from ...stages.affine import AffineConfig, optimise_affine
+from ...stages.initial import InitialAlignmentConfig, initial_alignment
+from ...stages.mask import otsu_tissue_mask
+from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
+from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
+from ..layers import add_layers, image_ref, result_to_layers, snapshot, working_placement
+from ..session import PairKey
+from ._base import DEVICES, RunWidget, layer_picker
+from .register import resolve_device, scaled
+
+IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+def _prepare_pair(source, target, config: PreprocessConfig, mask: bool, device, progress) -> PreparedPair:
+    """Preprocess (and optionally mask) a pair, reporting ``preprocess`` events."""
+    report(progress, "preprocess", 0, 1, "working pair")
+    pair = preprocess_pair(source, target, config, device)
+    if mask:
+        pair = dataclasses.replace(
+            pair, source=pair.source * otsu_tissue_mask(pair.source), target=pair.target * otsu_tissue_mask(pair.target)
+        )
+    report(progress, "preprocess", 1, 1, "working pair")
+    return pair
+
+
+class _StageWidget(RunWidget):
+    """Source/target pickers and device; the pair comes from the session or is made here."""
+
+    def __init__(self, napari_viewer, widgets: list, run_text: str) -> None:
+        self.source = layer_picker(napari_viewer, "source (moving)", ("image",), prefer="source")
+        self.target = layer_picker(napari_viewer, "target (fixed)", ("image",), prefer="target")
+        self.device = ComboBox(value="auto", choices=list(DEVICES), label="device")
+        super().__init__(napari_viewer, [self.source, self.target, *widgets, self.device], run_text=run_text)
+
+    def _inputs(self):
+        source, target = self.source.value, self.target.value
+        if source is None or target is None:
+            raise ValueError("choose a source and a target image layer")
+        if source is target:
+            raise ValueError("source and target are the same layer")
+        return source, target, resolve_device(self.device.value)
+
+    def _pair_plan(self, source, target):
+        """(pair or None, key, config, mask): the session's pair for these layers, or what to
+        compute it with."""
+        key = PairKey.of(source, target)
+        if self.session.has_pair_for(source, target):
+            return self.session.pair, key, self.session.preprocess_config, self.session.masked
+        return None, key, self.session.preprocess_config or PreprocessConfig(), False
+
+    def _result_layers(self, result, src, tgt, **kwargs):
+        return result_to_layers(result, src, target_layer=tgt, **kwargs)
+
+
+class PreprocessWidget(_StageWidget):
+    """Preprocess the pair (grey, invert, anti-aliased resampling, padding, entropy-guided
+    equalisation) and show the working pair, overlaid on the target."""
+
+    stages = None
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
+        d = PreprocessConfig()
+        self.working_size = SpinBox(value=d.working_size, min=128, max=4096, step=64, label="working size (px)")
+        self.invert = CheckBox(value=d.invert, text="invert (tissue bright)")
+        self.equalise = CheckBox(value=d.equalise, text="entropy-guided equalisation")
+        self.clahe = CheckBox(value=d.clahe, text="CLAHE")
+        self.mask = CheckBox(value=False, text="tissue mask (Otsu)")
+        super().__init__(napari_viewer, [self.working_size, self.invert, self.equalise, self.clahe, self.mask], "Preprocess")
+
+    def prepare(self):
+        source, target, device = self._inputs()
+        config = dataclasses.replace(
+            PreprocessConfig(), working_size=int(self.working_size.value), invert=self.invert.value,
+            equalise=self.equalise.value, clahe=self.clahe.value,
+        )
+        mask = bool(self.mask.value)
+        key = PairKey.of(source, target)
+        src, tgt = snapshot(source), snapshot(target)
+
+        def job(progress):
+            src_level, tgt_level = image_ref(src), image_ref(tgt)
+            pair = _prepare_pair(src_level.data, tgt_level.data, config, mask, device, progress)
+            place = working_placement(pair.target_frame, tgt_level)
+            layers = [
+                (pair.target, {"name": f"{tgt.name} (working)", "colormap": "green", "blending": "additive", **place}, "image"),
+                (pair.source, {"name": f"{src.name} (working)", "colormap": "magenta", "blending": "additive", **place}, "image"),
+            ]
+            return key, pair, config, mask, layers
+
+        return job
+
+    def apply(self, payload) -> str:
+        key, pair, config, mask, layers = payload
+        self.session.set_pair(key, pair, config, mask)
+        add_layers(self.viewer, layers)
+        h, w = pair.target.shape
+        return f"working pair {h}x{w} px (scale {pair.target_frame.scale[0]:.3f})"
+
+
+class InitialAlignmentWidget(_StageWidget):
+    """Centroid translation and an exhaustive rotation search scored by NCC."""
+
+    stages = ("preprocess", "initial", "layers")
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
+        d = InitialAlignmentConfig()
+        self.angle_step = FloatSpinBox(value=d.angle_step, min=0.1, max=45.0, step=0.5, label="angle step (°)")
+        self.search_size = SpinBox(value=d.search_size, min=32, max=1024, step=32, label="search size (px)")
+        self.use_centroid = CheckBox(value=d.use_centroid, text="centroid translation")
+        super().__init__(napari_viewer, [self.angle_step, self.search_size, self.use_centroid], "Align")
+
+    def prepare(self):
+        source, target, device = self._inputs()
+        config = dataclasses.replace(
+            InitialAlignmentConfig(), angle_step=float(self.angle_step.value), search_size=int(self.search_size.value),
+            use_centroid=self.use_centroid.value,
+        )
+        pair, key, pconfig, mask = self._pair_plan(source, target)
+        src, tgt = snapshot(source), snapshot(target)
+
+        def job(progress):
+            src_level, tgt_level = image_ref(src), image_ref(tgt)
+            p = pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+            found = initial_alignment(p.source, p.target, config, device, progress)
+            result = _affine_result(p, found.matrix, "initial")
+            result.info.update(angle=found.angle, score=found.score)
+            report(progress, "layers", 0, 1, "warping the source")
+            layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
+            return key, p, pconfig, mask, found, result, layers, src.name, tgt.name
+
+        return job
+
+    def apply(self, payload) -> str:
+        key, pair, pconfig, mask, found, result, layers, sname, tname = payload
+        if self.session.pair is not pair:
+            self.session.set_pair(key, pair, pconfig, mask)
+        self.session.set_matrix(found.matrix, "initial")
+        self.session.set_result(result, sname, tname)
+        add_layers(self.viewer, layers)
+        return f"rotation {found.angle:.2f}°, NCC {found.score:.3f}"
+
+
+class AffineWidget(_StageWidget):
+    """Optimise the six affine parameters (-NCC on a pyramid), from the initial alignment."""
+
+    stages = ("preprocess", "affine", "layers")
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
+        d = AffineConfig()
+        self.start = ComboBox(value="previous stage", choices=["previous stage", "identity"], label="start from")
+        self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
+        self.learning_rate = FloatSpinBox(value=d.learning_rate, min=1e-5, max=1.0, step=0.001, label="learning rate")
+        super().__init__(napari_viewer, [self.start, self.iterations, self.learning_rate], "Optimise affine")
+
+    def prepare(self):
+        source, target, device = self._inputs()
+        d = AffineConfig()
+        config = dataclasses.replace(
+            d, iterations=scaled(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value)
+        )
+        pair, key, pconfig, mask = self._pair_plan(source, target)
+        start = IDENTITY
+        started_from = "identity"
+        if pair is not None and self.start.value == "previous stage" and self.session.matrix is not None:
+            start, started_from = self.session.matrix, self.session.matrix_stage or "previous stage"
+        src, tgt = snapshot(source), snapshot(target)
+
+        def job(progress):
+            src_level, tgt_level = image_ref(src), image_ref(tgt)
+            p = pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+            matrix = optimise_affine(p.source, p.target, start, config, device, progress)
+            result = _affine_result(p, matrix, "affine")
+            report(progress, "layers", 0, 1, "warping the source")
+            layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
+            return key, p, pconfig, mask, matrix, result, layers, src.name, tgt.name, started_from
+
+        return job
+
+    def apply(self, payload) -> str:
+        key, pair, pconfig, mask, matrix, result, layers, sname, tname, started_from = payload
+        if self.session.pair is not pair:
+            self.session.set_pair(key, pair, pconfig, mask)
+        self.session.set_matrix(matrix, "affine")
+        self.session.set_result(result, sname, tname)
+        add_layers(self.viewer, layers)
+        return f"affine done (started from {started_from})"
+
+
+class NonrigidWidget(_StageWidget):
+    """Dense instance optimisation or the patch-group engine, from the last affine."""
+
+    stages = ("preprocess", "nonrigid", "layers")
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
+        d = DenseConfig()
+        self.method = ComboBox(value="dense", choices=["dense", "patches"], label="method")
+        self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
+        self.regularisation = FloatSpinBox(value=d.regularisation, min=0.0, max=1000.0, step=0.5, label="regularisation")
+        self.show_vectors = CheckBox(value=True, text="deformation arrows")
+        self.show_magnitude = CheckBox(value=False, text="displacement magnitude image")
+        self.show_jacobian = CheckBox(value=False, text="Jacobian determinant image")
+        super().__init__(
+            napari_viewer,
+            [self.method, self.iterations, self.regularisation, self.show_vectors, self.show_magnitude, self.show_jacobian],
+            "Register non-rigidly",
+        )
+
+    def prepare(self):
+        source, target, device = self._inputs()
+        method = self.method.value
+        factor = float(self.iterations.value)
+        dense = DenseConfig()
+        dense = dataclasses.replace(dense, iterations=scaled(dense.iterations, factor), regularisation=float(self.regularisation.value))
+        patches = PatchConfig()
+        patches = dataclasses.replace(patches, iterations=scaled(patches.iterations, factor))
+        pair, key, pconfig, mask = self._pair_plan(source, target)
+        matrix = self.session.matrix if pair is not None and self.session.matrix is not None else IDENTITY
+        started_from = self.session.matrix_stage if pair is not None and self.session.matrix is not None else "identity"
+        src, tgt = snapshot(source), snapshot(target)
+        flags = dict(vectors=self.show_vectors.value, magnitude=self.show_magnitude.value, jacobian=self.show_jacobian.value)
+
+        def job(progress):
+            src_level, tgt_level = image_ref(src), image_ref(tgt)
+            p = pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+            start = affine_to_field(matrix, p.target.shape)[0].numpy()
+            if method == "dense":
+                field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
+            else:
+                field = patch_nonrigid(p.source, p.target, start, None, patches, device, progress)
+            result = RegistrationResult(
+                np.asarray(field, dtype=np.float32), p.source_frame, p.target_frame, np.asarray(matrix, dtype=np.float64),
+                info={"stage": "nonrigid", "method": method}, working_source=p.source, working_target=p.target,
+            )
+            report(progress, "layers", 0, 1, "warping the source")
+            layers = result_to_layers(result, src_level, target_layer=tgt_level, **flags)
+            return key, p, pconfig, mask, result, layers, src.name, tgt.name, started_from
+
+        return job
+
+    def apply(self, payload) -> str:
+        key, pair, pconfig, mask, result, layers, sname, tname, started_from = payload
+        if self.session.pair is not pair:
+            self.session.set_pair(key, pair, pconfig, mask)
+        self.session.set_result(result, sname, tname)
+        add_layers(self.viewer, layers)
+        return f"non-rigid done (started from {started_from})"
+
+
+def _affine_result(pair: PreparedPair, matrix, stage: str) -> RegistrationResult:
+    field = affine_to_field(matrix, pair.target.shape)[0].numpy().astype(np.float32)
+    return RegistrationResult(
+        field, pair.source_frame, pair.target_frame, np.asarray(matrix, dtype=np.float64),
+        info={"stage": stage}, working_source=pair.source, working_target=pair.target,
+    )

@@ -1,0 +1,539 @@
+"""The ``histreg`` command line: register a pair, evaluate a cover table, convert images, demo.
+
+Exit codes: 0 success, 2 bad input (one line ``histreg: error: <file>: <problem>`` on stderr,
+no traceback), 130 interrupted (no partial outputs are left), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+OUTPUT_NAMES = {
+    "warped_png": "warped_source.png",
+    "warped_tif": "warped_source.tif",
+    "transform": "transform",  # transform.mha + transform.json
+    "landmarks": "warped_source_landmarks.csv",
+    "overlay": "overlay.png",
+    "metrics": "metrics.json",
+}
+
+DESCRIPTION = """\
+Register consecutive histology sections stained with different dyes (napari-histreg).
+
+commands:
+  register   register a SOURCE image onto a TARGET image and write the warped source,
+             the transform, the warped landmarks, an overlay picture and ANHIR metrics
+  evaluate   register every pair of an ANHIR cover table and report rTRE statistics
+  convert    convert images to .mha (colour kept as vector pixels)
+  demo       register the bundled sample pair and print the landmark error before/after
+
+Run `histreg COMMAND --help` for the options of a command.
+"""
+
+
+# --------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def _working_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"working size must be at least 64 px, not {value}")
+    return value
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("registration options")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                       help="where to compute: auto picks cuda, then mps, then cpu (default: auto)")
+    group.add_argument("--seed", type=int, default=0, help="random seed, for reproducible results (default: 0)")
+    group.add_argument("--method", default=None, choices=("dense", "patches", "none"),
+                       help="non-rigid stage: dense instance optimisation, the patch-group engine, or none "
+                            "(initial + affine only) (default: the configuration's default, dense)")
+    group.add_argument("--working-size", type=_working_size, default=None, metavar="N",
+                       help="longer side in pixels of the grid the registration runs on; smaller is faster "
+                            "and coarser (default: the configuration's default)")
+    group.add_argument("--config", default=None, metavar="JSON",
+                       help="JSON file of RegistrationConfig overrides, nested by stage, e.g. "
+                            '{"use_mask": true, "affine": {"iterations": [50, 30, 20]}}; '
+                            "--method and --working-size apply on top of it")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="histreg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"histreg (napari-histreg) {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "register",
+        help="register SOURCE onto TARGET",
+        description="Register SOURCE (moving) onto TARGET (fixed) and write into the folder OUT: "
+        "warped_source.png (8-bit input) or warped_source.tif (other), transform.mha + transform.json, "
+        "warped_source_landmarks.csv (source landmarks mapped into the target frame, ANHIR X,Y), "
+        "overlay.png (target in magenta, source in green, before and after) and metrics.json "
+        "(ANHIR rTRE, when both landmark files are given). Inputs are never modified.",
+        epilog="example: histreg register ihc.jpg he.jpg -o out --source-landmarks ihc.csv --target-landmarks he.csv",
+    )
+    p.add_argument("source", metavar="SOURCE", help="moving image (jpg, png, tif, mha)")
+    p.add_argument("target", metavar="TARGET", help="fixed image (jpg, png, tif, mha)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
+    p.add_argument("--source-landmarks", metavar="CSV", help="ANHIR landmark CSV (,X,Y) of SOURCE")
+    p.add_argument("--target-landmarks", metavar="CSV", help="ANHIR landmark CSV (,X,Y) of TARGET")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="register and score every pair of an ANHIR cover table",
+        description="Register every pair of an ANHIR cover table (columns 'Source image', 'Source landmarks', "
+        "'Target image', 'Target landmarks', optional 'status'; paths relative to the CSV's folder) and write "
+        "OUT/pairs.csv (one line per pair) and OUT/summary.json (AMrTRE, MMrTRE, AArTRE, robustness, "
+        "median seconds, per status). A failing pair is recorded with its error and the run goes on.",
+    )
+    p.add_argument("table", metavar="DATASET.csv", help="ANHIR cover table")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
+    p.add_argument("--status", default=None, metavar="S[,S...]",
+                   help="only pairs with these status values, comma-separated (e.g. training,synthetic)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N pairs")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert images to .mha",
+        description="Convert images (jpg, png, tif, mha) to .mha files named after the inputs, colour kept as "
+        "vector pixels (as the DeepHistReg reference pipeline stores them).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "demo",
+        help="register the bundled sample pair",
+        description="Register the bundled sample pair and print the median rTRE of its landmarks before and "
+        "after registration. With -o, also write the outputs of `histreg register` into OUT.",
+    )
+    p.add_argument("-o", "--output", default=None, metavar="OUT", help="also write the outputs into this folder")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+class StageProgress:
+    """A ProgressEvent callback drawing one tqdm bar per stage on stderr."""
+
+    def __init__(self, disable: bool = False, position: int = 0, leave: bool = True, stages=None, exclude=()):
+        self.disable, self.position, self.leave = disable, position, leave
+        self.exclude = set(exclude)
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, event) -> None:
+        if event.stage in self.exclude:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=max(int(event.total), 1), desc=f"{event.stage:<10}", file=sys.stderr,
+                            disable=self.disable, position=self.position, leave=self.leave, dynamic_ncols=True)
+        # The pipeline wraps each stage in (0/1 "start", 1/1 "done") events around the stage's own
+        # step events: keep the stage's own total, and "done" fills the bar.
+        wrapper = event.total == 1 and event.message in ("start", "done")
+        if wrapper:
+            step = self.bar.total if event.message == "done" else 0
+        else:
+            if int(event.total) != self.bar.total:
+                self.bar.total = max(int(event.total), 1)
+            step = int(event.step)
+            if event.message:
+                self.bar.set_postfix_str(event.message, refresh=False)
+        self.bar.n = min(step, self.bar.total)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class PairProgress:
+    """Outer bar for ``stage="pair"`` events, inner per-stage bars for the rest."""
+
+    def __init__(self, disable: bool = False):
+        self.stages = StageProgress(disable, position=1, leave=False)
+        self.pairs = StageProgress(disable, position=0, leave=True)
+
+    def __call__(self, event) -> None:
+        if event.stage == "pair":
+            self.stages.close()
+            self.pairs(event)
+        else:
+            self.stages(event)
+
+    def close(self) -> None:
+        self.stages.close()
+        self.pairs.close()
+
+
+def apply_overrides(config, overrides: dict, name: str = "config"):
+    """Set the fields of a (nested) config dataclass from a plain dict, checking the names
+    and value types; lists become tuples where the default is a tuple."""
+    import dataclasses
+
+    from .io import HistRegInputError
+
+    if not isinstance(overrides, dict):
+        raise HistRegInputError(f"{name}: expected a JSON object of settings, got {type(overrides).__name__}")
+    fields = {f.name for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise HistRegInputError(f"{name}: unknown setting {key!r} for {type(config).__name__}; known: {sorted(fields)}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            apply_overrides(current, value, f"{name}: {key}")
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if current is not None and (type(value) is not type(current)):
+            raise HistRegInputError(f"{name}: setting {key!r} should be like {current!r}, not {value!r}")
+        setattr(config, key, value)
+    return config
+
+
+def _config(args):
+    from .pipeline import RegistrationConfig
+
+    config = RegistrationConfig()
+    if getattr(args, "config", None):
+        from .io import HistRegInputError
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise HistRegInputError(f"{path}: configuration file not found")
+        try:
+            overrides = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HistRegInputError(f"{path}: not a JSON configuration ({err})") from None
+        apply_overrides(config, overrides, str(path))
+    if getattr(args, "method", None):
+        config.nonrigid_method = args.method
+    if getattr(args, "working_size", None):
+        config.preprocess.working_size = args.working_size
+    return config
+
+
+def _device(args):
+    from .conventions import default_device
+
+    return default_device(None if args.device == "auto" else args.device)
+
+
+def _say(text: str = "") -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _landmarks_outside(points, shape) -> int:
+    import numpy as np
+
+    points = np.asarray(points, dtype=float)
+    h, w = shape[:2]
+    margin = 0.05 * max(h, w)
+    outside = (points[:, 0] < -margin) | (points[:, 0] > h + margin) | (points[:, 1] < -margin) | (points[:, 1] > w + margin)
+    return int(outside.sum())
+
+
+def _check_landmarks_in_image(name, points, shape) -> None:
+    n = _landmarks_outside(points, shape)
+    if n == len(points):
+        from .io import HistRegInputError
+
+        raise HistRegInputError(
+            f"{name}: all {n} landmarks lie outside the {shape[1]}x{shape[0]} (w x h) image; "
+            "are they for another image or another scale?"
+        )
+    if n:
+        warnings.warn(f"{name}: {n} of {len(points)} landmarks lie outside the {shape[1]}x{shape[0]} (w x h) image", stacklevel=2)
+
+
+def _pair_ids(source, target):
+    """Pair landmarks by id; warn about ids that only one file has."""
+    from .io import pair_landmarks
+
+    (s_name, s_ids, s_pts), (t_name, t_ids, t_pts) = source, target
+    ids, s, t = pair_landmarks(s_ids, s_pts, t_ids, t_pts, s_name, t_name)
+    only_s = len(s_ids) - len(ids)
+    only_t = len(t_ids) - len(ids)
+    if only_s or only_t:
+        warnings.warn(
+            f"{s_name} and {t_name}: {len(ids)} landmark ids shared, {only_s} only in the source file, "
+            f"{only_t} only in the target file (those are left out of the metrics)",
+            stacklevel=2,
+        )
+    return ids, s, t
+
+
+def register_and_write(
+    source_image,
+    target_image,
+    *,
+    out=None,
+    source_landmarks=None,
+    target_landmarks=None,
+    inputs=(),
+    config=None,
+    device=None,
+    seed=0,
+    quiet=False,
+    names=("source", "target"),
+) -> dict:
+    """Register arrays, write the outputs of ``histreg register`` into ``out`` (if given) and
+    return a dict with the result and (if both landmark sets are given) the metrics.
+
+    ``source_landmarks`` / ``target_landmarks``: ``(name, ids, points_rc)`` or None.
+    """
+    import numpy as np
+
+    from . import __version__
+    from .evaluate import check_not_inputs, staged_outputs
+    from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
+    from .metrics import pair_metrics
+    from .pipeline import check_pair_shapes, register
+
+    check_pair_shapes(source_image.shape, target_image.shape, *names)
+    paired = None
+    if source_landmarks is not None:
+        _check_landmarks_in_image(source_landmarks[0], source_landmarks[2], source_image.shape)
+    if target_landmarks is not None:
+        _check_landmarks_in_image(target_landmarks[0], target_landmarks[2], target_image.shape)
+        if source_landmarks is None:
+            warnings.warn("target landmarks given without source landmarks: no metrics can be computed", stacklevel=2)
+        else:
+            paired = _pair_ids(source_landmarks, target_landmarks)
+
+    eight_bit = source_image.dtype == np.uint8
+    planned = []
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise HistRegInputError(f"{out}: output path exists and is not a folder")
+        planned = [OUTPUT_NAMES["warped_png" if eight_bit else "warped_tif"], "transform.mha", "transform.json",
+                   OUTPUT_NAMES["overlay"]]
+        if source_landmarks is not None:
+            planned.append(OUTPUT_NAMES["landmarks"])
+        if paired is not None:
+            planned.append(OUTPUT_NAMES["metrics"])
+        check_not_inputs([out / name for name in planned], inputs)
+
+    progress = StageProgress(disable=quiet)
+    try:
+        result = register(source_image, target_image, config, device=device, seed=seed, progress=progress)
+    finally:
+        progress.close()
+
+    report: dict = {"result": result, "outputs": [], "metrics": None}
+    mapped_all = None
+    if source_landmarks is not None:
+        mapped_all = result.map_source_points(source_landmarks[2])
+        if not np.isfinite(mapped_all).all():
+            raise ValueError(f"{source_landmarks[0]}: mapped landmarks are not finite (the transform is broken)")
+    if paired is not None:
+        ids, s_pts, t_pts = paired
+        mapped = result.map_source_points(s_pts)
+        metrics = pair_metrics(s_pts, mapped, t_pts, target_image.shape[:2])
+        metrics.update(
+            source=names[0], target=names[1], source_landmarks=source_landmarks[0], target_landmarks=target_landmarks[0],
+            landmark_ids=[str(i) for i in ids], seconds=result.timings.get("total"), timings=result.timings,
+            device=str(result.info.get("device")), seed=seed, version=__version__,
+        )
+        report["metrics"] = metrics
+
+    if out is not None:
+        with staged_outputs(out) as stage:
+            warped = result.warp(source_image)
+            write_image(stage / planned[0], warped)
+            result.save(stage / "transform")
+            if mapped_all is not None:
+                write_landmarks(stage / OUTPUT_NAMES["landmarks"], source_landmarks[1], mapped_all)
+            if report["metrics"] is not None:
+                atomic_write_json(stage / OUTPUT_NAMES["metrics"], report["metrics"])
+            from .overlay import save_overlay
+
+            save_overlay(stage / OUTPUT_NAMES["overlay"], target_image, source_image, warped,
+                         title=f"{Path(names[0]).name} -> {Path(names[1]).name}")
+        report["outputs"] = [out / name for name in planned]
+    return report
+
+
+def _print_metrics(metrics: dict | None) -> None:
+    if metrics is None:
+        return
+    _say(
+        f"median rTRE: before {metrics['initial_median_rtre']:.5f}, after {metrics['median_rtre']:.5f} "
+        f"(mean {metrics['mean_rtre']:.5f}, max {metrics['max_rtre']:.5f}, robustness {metrics['robustness']:.3f}, "
+        f"{metrics['n_landmarks']} landmarks)"
+    )
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_register(args) -> int:
+    from .io import read_image, read_landmarks
+
+    source_image = read_image(args.source)
+    target_image = read_image(args.target)
+    source_lm = target_lm = None
+    if args.source_landmarks:
+        source_lm = (args.source_landmarks, *read_landmarks(args.source_landmarks))
+    if args.target_landmarks:
+        target_lm = (args.target_landmarks, *read_landmarks(args.target_landmarks))
+    report = register_and_write(
+        source_image, target_image, out=args.output, source_landmarks=source_lm, target_landmarks=target_lm,
+        inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks],
+        config=_config(args), device=_device(args), seed=args.seed, quiet=args.quiet, names=(args.source, args.target),
+    )
+    result = report["result"]
+    _say(f"registered {args.source} onto {args.target} in {result.timings.get('total', 0):.1f} s on {result.info.get('device')}")
+    _print_metrics(report["metrics"])
+    _say(f"outputs in {args.output}: {', '.join(p.name for p in report['outputs'])}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_table, format_table
+
+    progress = PairProgress(disable=args.quiet)
+    try:
+        rows, summary = evaluate_table(
+            args.table, args.output, statuses=args.status, config=_config(args), device=_device(args),
+            seed=args.seed, progress=progress, limit=args.limit,
+        )
+    finally:
+        progress.close()
+    _say(format_table(rows, summary))
+    _say(f"\nwritten {Path(args.output) / 'pairs.csv'} and {Path(args.output) / 'summary.json'}")
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from .evaluate import check_not_inputs, staged_outputs
+    from .io import HistRegInputError, read_image, write_mha
+
+    out = Path(args.output)
+    targets = {}
+    for name in args.inputs:
+        dest = out / (Path(name).stem + ".mha")
+        if dest in targets.values():
+            raise HistRegInputError(f"{name}: another input also converts to {dest.name}; convert them into separate folders")
+        targets[name] = dest
+    check_not_inputs(targets.values(), args.inputs)
+    images = {name: read_image(name) for name in args.inputs}  # every input is checked before anything is written
+    with staged_outputs(out) as stage:
+        for name, image in images.items():
+            write_mha(stage / targets[name].name, image, vector=image.ndim == 3)
+    for name, dest in targets.items():
+        image = images[name]
+        kind = f"{image.shape[-1]}-component vector" if image.ndim == 3 else "scalar"
+        _say(f"{name} -> {dest} ({image.shape[1]}x{image.shape[0]}, {image.dtype}, {kind})")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .io import HistRegInputError
+
+    try:
+        from .sample import make_sample_pair
+    except ImportError as err:
+        raise HistRegInputError(f"napari_histreg.sample: the bundled sample pair is not available ({err})") from None
+    pair = make_sample_pair()
+    ids = list(getattr(pair, "ids", None) if getattr(pair, "ids", None) is not None else range(len(pair.source_landmarks)))
+    report = register_and_write(
+        pair.source, pair.target, out=args.output,
+        source_landmarks=("sample source landmarks", ids, pair.source_landmarks),
+        target_landmarks=("sample target landmarks", ids, pair.target_landmarks),
+        config=_config(args), device=_device(args), seed=args.seed, quiet=args.quiet,
+        names=("sample source", "sample target"),
+    )
+    m = report["metrics"]
+    _say(f"sample pair {pair.source.shape[1]}x{pair.source.shape[0]} -> {pair.target.shape[1]}x{pair.target.shape[0]}, "
+         f"registered in {report['result'].timings.get('total', 0):.1f} s on {report['result'].info.get('device')}")
+    _say(f"median rTRE before: {m['initial_median_rtre']:.5f}")
+    _say(f"median rTRE after:  {m['median_rtre']:.5f}")
+    if args.output:
+        _say(f"outputs in {args.output}: {', '.join(p.name for p in report['outputs'])}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- entry point
+def _error_message(err: BaseException) -> str:
+    if isinstance(err, OSError) and getattr(err, "filename", None):
+        problem = err.strerror or type(err).__name__
+        if isinstance(err, FileNotFoundError):
+            problem = "file not found"
+        text = f"{err.filename}: {problem}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"histreg: warning: {text}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Argument errors exit through argparse (``SystemExit(2)``)."""
+    from .io import HistRegInputError
+    from .progress import RegistrationCancelled
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # restored when the block ends
+        warnings.filterwarnings("always", module=r"napari_histreg(\.|$)")  # ours, every time
+        try:
+            return int(args.func(args) or 0)
+        except (KeyboardInterrupt, RegistrationCancelled):
+            print("\nhistreg: interrupted; no partial outputs were left", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (HistRegInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                ValueError) as err:
+            if args.debug:
+                raise
+            print(f"histreg: error: {_error_message(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as err:
+            if args.debug:
+                raise
+            print(f"histreg: error: {_error_message(err)}", file=sys.stderr)
+            return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

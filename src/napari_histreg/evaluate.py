@@ -1,0 +1,386 @@
+"""ANHIR-style evaluation of a cover table, without napari.
+
+A cover table is a CSV with the columns ``Source image``, ``Source landmarks``,
+``Target image``, ``Target landmarks`` and optionally ``status``; relative paths are relative
+to the CSV's folder. :func:`evaluate_table` registers every pair, maps the source landmarks
+into the target frame and scores them with the ANHIR metrics (:mod:`napari_histreg.metrics`).
+A pair that fails is recorded with its error message and the run goes on.
+
+Used by ``histreg evaluate``, the benchmark script and the napari widget::
+
+    rows, summary = evaluate_table("data/dataset.csv", "results/", statuses=["training"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .io import HistRegInputError, atomic_path, atomic_write_json, pair_landmarks, read_image, read_landmarks
+from .progress import ProgressCallback, RegistrationCancelled, report
+
+REQUIRED_COLUMNS = ("Source image", "Source landmarks", "Target image", "Target landmarks")
+
+#: Columns of ``pairs.csv`` (and keys of each row returned by :func:`evaluate_table`).
+PAIR_COLUMNS = (
+    "source",
+    "target",
+    "status",
+    "initial_MrTRE",
+    "MrTRE",
+    "mean_rTRE",
+    "max_rTRE",
+    "robustness",
+    "n_landmarks",
+    "seconds",
+    "error",
+)
+
+
+@dataclasses.dataclass
+class CoverPair:
+    """One row of a cover table: the strings as written, and the resolved paths."""
+
+    row: int  # line number in the CSV (header is line 1)
+    source: str
+    source_landmarks: str
+    target: str
+    target_landmarks: str
+    status: str
+    folder: Path
+
+    def path(self, value: str) -> Path | None:
+        return (self.folder / value) if value else None
+
+
+# --------------------------------------------------------------------------- staged outputs
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike):
+    """Yield a hidden staging folder inside ``out_dir``; on success its files are moved into
+    ``out_dir`` (``os.replace``, same file system), on any exception (``KeyboardInterrupt``
+    included) nothing is moved and the staging folder is removed, as is ``out_dir`` itself if
+    this call created it and it is empty. So a run leaves either all its outputs or none."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
+    created = []
+    for parent in reversed([out_dir, *out_dir.parents]):
+        if not parent.exists():
+            created.append(parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".histreg-staging-", dir=out_dir))
+    ok = False
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            if item.name.startswith("."):  # a leftover temporary file of an atomic write
+                continue
+            os.replace(item, out_dir / item.name)
+        ok = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not ok:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds when empty
+
+
+def check_not_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Raise :class:`HistRegInputError` if any output path is one of the input files."""
+    resolved = {}
+    for item in inputs:
+        if item is None:
+            continue
+        with contextlib.suppress(OSError):
+            resolved[Path(item).resolve()] = Path(item)
+    for out in outputs:
+        out = Path(out)
+        target = out.resolve()
+        if target in resolved:
+            raise HistRegInputError(f"{resolved[target]}: is an input and would be overwritten by an output; choose another output folder")
+        if out.exists():
+            for path in resolved:
+                with contextlib.suppress(OSError):
+                    if path.exists() and os.path.samefile(out, path):
+                        raise HistRegInputError(f"{resolved[path]}: is an input and would be overwritten by an output; choose another output folder")
+
+
+# --------------------------------------------------------------------------- cover tables
+def read_cover_table(csv_path: str | os.PathLike) -> list[CoverPair]:
+    """The pairs of an ANHIR cover table, paths resolved against the table's folder."""
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise HistRegInputError(f"{csv_path}: cover table not found")
+    if csv_path.is_dir():
+        raise HistRegInputError(f"{csv_path}: is a folder, not a cover table CSV")
+    try:
+        with open(csv_path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            records = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise HistRegInputError(f"{csv_path}: not a CSV cover table ({err})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+    if missing:
+        raise HistRegInputError(f"{csv_path}: cover table lacks the column(s) {', '.join(map(repr, missing))}; it has {fields}")
+    folder = csv_path.resolve().parent
+    pairs = []
+    for line, record in enumerate(records, start=2):
+        record = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k is not None}
+        if not any(record.values()):
+            continue
+        pairs.append(
+            CoverPair(
+                row=line,
+                source=record.get("Source image", ""),
+                source_landmarks=record.get("Source landmarks", ""),
+                target=record.get("Target image", ""),
+                target_landmarks=record.get("Target landmarks", ""),
+                status=record.get("status", ""),
+                folder=folder,
+            )
+        )
+    return pairs
+
+
+def select_pairs(pairs: list[CoverPair], statuses: Iterable[str] | str | None = None, limit: int | None = None, name: str = "cover table") -> list[CoverPair]:
+    """Keep the pairs whose status is in ``statuses`` (comma-separated string or list), then
+    the first ``limit`` of them."""
+    if isinstance(statuses, str):
+        statuses = [s for s in statuses.split(",")]
+    wanted = [s.strip() for s in statuses or [] if s.strip()]
+    if wanted:
+        available = sorted({p.status for p in pairs})
+        unknown = [s for s in wanted if s not in available]
+        if len(unknown) == len(wanted):
+            raise HistRegInputError(f"{name}: no pair has status {', '.join(map(repr, wanted))}; statuses present: {available}")
+        pairs = [p for p in pairs if p.status in wanted]
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        pairs = pairs[:limit]
+    return pairs
+
+
+# --------------------------------------------------------------------------- one pair
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if not isinstance(err, HistRegInputError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text[:500]
+
+
+def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) -> dict:
+    """Register one cover-table pair with ``pipeline`` and score it; raises on failure."""
+    from .metrics import pair_metrics
+    from .pipeline import register
+
+    for label, value in (("Source image", pair.source), ("Target image", pair.target),
+                         ("Source landmarks", pair.source_landmarks), ("Target landmarks", pair.target_landmarks)):
+        if not value:
+            raise HistRegInputError(f"cover table line {pair.row}: no {label!r} given")
+    source_path, target_path = pair.path(pair.source), pair.path(pair.target)
+    source_lm_path, target_lm_path = pair.path(pair.source_landmarks), pair.path(pair.target_landmarks)
+    for path in (source_path, target_path, source_lm_path, target_lm_path):
+        if not path.exists():
+            raise HistRegInputError(f"{path}: file not found")
+    source_ids, source_points = read_landmarks(source_lm_path)
+    target_ids, target_points = read_landmarks(target_lm_path)
+    _, source_points, target_points = pair_landmarks(
+        source_ids, source_points, target_ids, target_points, str(source_lm_path), str(target_lm_path)
+    )
+    source_image = read_image(source_path)
+    target_image = read_image(target_path)
+    start = time.perf_counter()
+    result = register(source_image, target_image, pipeline=pipeline, progress=progress)
+    mapped = result.map_source_points(source_points)
+    seconds = time.perf_counter() - start
+    if not np.isfinite(mapped).all():
+        raise ValueError("mapped landmarks contain NaN (the transform is not finite)")
+    metrics = pair_metrics(source_points, mapped, target_points, target_image.shape[:2])
+    return {
+        "initial_MrTRE": metrics["initial_median_rtre"],
+        "MrTRE": metrics["median_rtre"],
+        "mean_rTRE": metrics["mean_rtre"],
+        "max_rTRE": metrics["max_rtre"],
+        "robustness": metrics["robustness"],
+        "n_landmarks": metrics["n_landmarks"],
+        "seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------- summaries
+def summarise_rows(rows: list[dict]) -> dict:
+    """ANHIR summary over rows: AMrTRE, MMrTRE, AArTRE, mean robustness, median seconds."""
+    ok = [r for r in rows if not r.get("error") and r.get("MrTRE") is not None]
+    out: dict = {"count": len(rows), "failed": len(rows) - len(ok)}
+    if not ok:
+        out.update({k: None for k in ("AMrTRE", "MMrTRE", "AArTRE", "robustness", "initial_AMrTRE", "median_seconds")})
+        return out
+    mr = np.array([r["MrTRE"] for r in ok], dtype=float)
+    out.update(
+        {
+            "AMrTRE": float(mr.mean()),
+            "MMrTRE": float(np.median(mr)),
+            "AArTRE": float(np.mean([r["mean_rTRE"] for r in ok])),
+            "robustness": float(np.mean([r["robustness"] for r in ok])),
+            "initial_AMrTRE": float(np.mean([r["initial_MrTRE"] for r in ok])),
+            "median_seconds": float(statistics.median(r["seconds"] for r in ok)),
+        }
+    )
+    return out
+
+
+def summarise_by_status(rows: list[dict]) -> dict:
+    summary = summarise_rows(rows)
+    statuses = sorted({r.get("status", "") for r in rows})
+    summary["per_status"] = {s: summarise_rows([r for r in rows if r.get("status", "") == s]) for s in statuses}
+    return summary
+
+
+def _fmt(value, digits: int = 5) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def write_pairs_csv(path, rows: list[dict]) -> Path:
+    """``pairs.csv`` (columns :data:`PAIR_COLUMNS`), written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(PAIR_COLUMNS)
+            for row in rows:
+                writer.writerow([_fmt(row.get(c), 6) if c != "seconds" else _fmt_seconds(row.get(c)) for c in PAIR_COLUMNS])
+    return Path(path)
+
+
+def _fmt_seconds(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def format_table(rows: list[dict], summary: dict | None = None) -> str:
+    """A plain-text table of the rows (and the summary) for a terminal."""
+    headers = ["#", "status", "source -> target", "init MrTRE", "MrTRE", "robust", "sec", "error"]
+    lines = []
+    for k, row in enumerate(rows, start=1):
+        pair = f"{Path(row['source']).name} -> {Path(row['target']).name}"
+        error = row.get("error") or ""
+        lines.append(
+            [str(k), row.get("status", ""), pair, _fmt(row.get("initial_MrTRE"), 4), _fmt(row.get("MrTRE"), 4),
+             _fmt(row.get("robustness"), 3), _fmt_seconds(row.get("seconds")), ("..." + error[-67:]) if len(error) > 70 else error]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    if summary is not None:
+        out.append("")
+        out.append(_summary_line("all", summary))
+        for status, sub in summary.get("per_status", {}).items():
+            if len(summary.get("per_status", {})) > 1:
+                out.append(_summary_line(status or "(no status)", sub))
+    return "\n".join(out)
+
+
+def _summary_line(label: str, s: dict) -> str:
+    return (
+        f"{label}: {s['count']} pairs, {s['failed']} failed; AMrTRE {_fmt(s.get('AMrTRE'), 4) or '-'}, "
+        f"MMrTRE {_fmt(s.get('MMrTRE'), 4) or '-'}, AArTRE {_fmt(s.get('AArTRE'), 4) or '-'}, "
+        f"robustness {_fmt(s.get('robustness'), 3) or '-'}, median {_fmt_seconds(s.get('median_seconds')) or '-'} s/pair "
+        f"(initial AMrTRE {_fmt(s.get('initial_AMrTRE'), 4) or '-'})"
+    )
+
+
+# --------------------------------------------------------------------------- the table
+def evaluate_table(
+    csv_path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    statuses: Iterable[str] | str | None = None,
+    config=None,
+    device=None,
+    seed: int | None = 0,
+    progress: ProgressCallback = None,
+    limit: int | None = None,
+) -> tuple[list[dict], dict]:
+    """Register and score every pair of an ANHIR cover table.
+
+    ``statuses``: keep only pairs with these ``status`` values (list or ``"a,b"``);
+    ``limit``: at most this many pairs (after the status filter); ``config``: a
+    :class:`~napari_histreg.RegistrationConfig`; ``device``: ``"auto"``/``None``, ``"cpu"``,
+    ``"cuda"``, ``"mps"``.
+
+    ``progress`` receives :class:`~napari_histreg.ProgressEvent` s: ``stage="pair"`` events
+    (``step`` pairs done of ``total``, ``message`` names the next pair) and the stage events of
+    the registration under way. Raise :class:`~napari_histreg.RegistrationCancelled` from it to
+    stop; nothing is written then.
+
+    Returns ``(rows, summary)``: one dict per pair with the keys :data:`PAIR_COLUMNS`
+    (``error`` is ``""`` on success, the message otherwise), and the summary of
+    :func:`summarise_rows` plus ``per_status`` and the run settings. With ``out_dir``,
+    ``out_dir/pairs.csv`` and ``out_dir/summary.json`` are written (both or neither).
+    """
+    from . import __version__
+    from .conventions import default_device
+    from .pipeline import Pipeline, RegistrationConfig
+
+    csv_path = Path(csv_path)
+    pairs = select_pairs(read_cover_table(csv_path), statuses, limit, name=str(csv_path))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
+        check_not_inputs([out_dir / "pairs.csv", out_dir / "summary.json"], [csv_path])
+    config = config or RegistrationConfig()
+    pipeline = Pipeline(config, device=default_device(device), seed=seed)  # a bad device fails here, once
+
+    rows: list[dict] = []
+    total = len(pairs)
+    for k, pair in enumerate(pairs):
+        report(progress, "pair", k, total, f"{Path(pair.source).name} -> {Path(pair.target).name}")
+        row = {c: None for c in PAIR_COLUMNS}
+        row.update(source=pair.source, target=pair.target, status=pair.status, error="")
+        start = time.perf_counter()
+        try:
+            row.update(evaluate_pair(pair, pipeline, progress))
+        except RegistrationCancelled:
+            raise
+        except Exception as err:  # recorded, the run goes on
+            row["error"] = _one_line(err)
+            row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+    report(progress, "pair", total, total, "done")
+
+    summary = summarise_by_status(rows)
+    summary.update(
+        {
+            "table": str(csv_path),
+            "statuses": [s.strip() for s in (statuses.split(",") if isinstance(statuses, str) else statuses or [])],
+            "device": str(pipeline.device),
+            "seed": seed,
+            "version": __version__,
+            "config": _jsonable(config.to_dict()),
+        }
+    )
+    if out_dir is not None:
+        with staged_outputs(out_dir) as stage:
+            write_pairs_csv(stage / "pairs.csv", rows)
+            atomic_write_json(stage / "summary.json", summary)
+    return rows, summary
+
+
+def _jsonable(value):
+    from .result import _jsonable as convert
+
+    return convert(value)
