@@ -376,7 +376,7 @@ def field_between_frames(
     s_scale = torch.tensor(source_frame.scale, device=device)
     s_off = torch.tensor(source_frame.offset, device=device)
     q = (p + 0.5) * t_scale - 0.5 + t_off
-    grid = pixels_to_normalised(q, working_field.shape[-2:]).unsqueeze(0)
+    grid = pixels_to_normalised(q, working_field.shape[-2:]).unsqueeze(0).to(working_field.dtype)
     u = F.grid_sample(
         working_field.reshape(1, 2, *working_field.shape[-2:]), grid, mode="bilinear",
         padding_mode="border", align_corners=ALIGN_CORNERS,
