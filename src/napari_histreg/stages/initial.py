@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conventions import ALIGN_CORNERS, identity_grid, pixels_to_normalised, rotation_about, to_tensor
+from ..conventions import ALIGN_CORNERS, affine_to_field, identity_grid, pixels_to_normalised, rotation_about, warp
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
 from .preprocess import resample
@@ -40,8 +40,17 @@ class InitialAlignment:
 
 
 def centroid(image: np.ndarray) -> np.ndarray:
-    """Intensity-weighted ``(row, col)`` centre of mass; the grid centre for a blank image."""
+    """``(row, col)`` centre of mass of the tissue (Otsu foreground); the grid centre for a blank image.
+
+    The binary foreground, not the intensities, is weighted: two stains of one section share
+    its outline but not its intensity distribution, so intensity weighting shifts the centres
+    apart and the rotation search then turns about the wrong point.
+    """
     image = np.asarray(image, dtype=np.float64)
+    if float(image.max() - image.min()) > 1e-9:
+        from skimage.filters import threshold_otsu
+
+        image = (image > threshold_otsu(image)).astype(np.float64)
     total = image.sum()
     if total <= 0:
         return (np.asarray(image.shape, dtype=np.float64) - 1) / 2
@@ -73,6 +82,19 @@ def _score_angles(source, target, angles_deg, center_t, center_s, batch_size, de
     return torch.cat(scores).cpu().numpy(), done
 
 
+def _recentre(source, target, angle, center_t, center_s) -> np.ndarray:
+    """Source centre corrected by the residual shift (phase correlation) at ``angle``."""
+    from skimage.registration import phase_cross_correlation
+
+    h, w = target.shape[-2:]
+    matrix = rotation_about(center_t, angle, translation_rc=np.asarray(center_s) - np.asarray(center_t))
+    field = affine_to_field(matrix, (h, w), device=source.device)
+    warped = warp(source, field)[0, 0].cpu().numpy()
+    shift, _, _ = phase_cross_correlation(target[0, 0].cpu().numpy(), warped, upsample_factor=4, normalization=None)
+    # tgt(p) ~ warped(p - shift) = src(R (p - c_t) + c_s - R shift)
+    return np.asarray(center_s) - matrix[:, :2] @ np.asarray(shift)
+
+
 def initial_alignment(
     source: np.ndarray,
     target: np.ndarray,
@@ -97,7 +119,7 @@ def initial_alignment(
 
     angles = np.arange(0.0, 360.0, config.angle_step)
     refine = (
-        np.arange(-config.angle_step, config.angle_step + 1e-9, config.refine_step)
+        np.arange(-2 * config.angle_step, 2 * config.angle_step + 1e-9, config.refine_step)
         if config.refine_step and config.refine_step < config.angle_step
         else np.zeros(0)
     )
@@ -106,11 +128,16 @@ def initial_alignment(
     best = float(angles[int(np.argmax(scores))])
     all_angles, all_scores = angles, scores
     if len(refine):
+        # Centroids of two stains differ by a few pixels, which tilts the best angle by about a
+        # degree; re-centre by phase correlation at the coarse angle, then search finely.
+        c_s_small = _recentre(src, tgt, best, c_t_small, c_s_small)
         fine = best + refine
         fine_scores, _ = _score_angles(src, tgt, fine, c_t_small, c_s_small, config.batch_size, device, progress, total, done)
-        all_angles = np.concatenate([angles, fine])
-        all_scores = np.concatenate([scores, fine_scores])
-    idx = int(np.argmax(all_scores))
-    angle = float(all_angles[idx] % 360.0)
+        idx = int(np.argmax(fine_scores))
+        angle, score = float(fine[idx] % 360.0), float(fine_scores[idx])
+        all_angles, all_scores = np.concatenate([angles, fine]), np.concatenate([scores, fine_scores])
+    else:
+        angle, score = best, float(scores.max())
+    c_s = (c_s_small + 0.5) / ratio - 0.5
     matrix = rotation_about(c_t, angle, translation_rc=c_s - c_t)
-    return InitialAlignment(matrix=matrix, angle=angle, score=float(all_scores[idx]), angles=all_angles, scores=all_scores)
+    return InitialAlignment(matrix=matrix, angle=angle, score=score, angles=all_angles, scores=all_scores)

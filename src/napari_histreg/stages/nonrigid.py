@@ -52,13 +52,30 @@ def _rescale_field(field: torch.Tensor, shape) -> torch.Tensor:
 class DenseConfig:
     """``levels``: longer side per pyramid level, coarse to fine; ``iterations`` per level;
     ``learning_rate`` in level pixels per Adam step; ``regularisation``: weight of diffusion
-    (squared strain); ``window``: local NCC window in level pixels."""
+    (squared strain); ``window``: local NCC window in level pixels. ``regularisation`` and
+    ``control_spacing`` may be one value or one per level; a spacing above 1 optimises the field
+    on a coarser grid (bicubic upsampling), a B-spline-like model that extrapolates smooth
+    warps along edges better but fits real tissue worse (measured: default 1)."""
 
     levels: tuple[int, ...] = (192, 384, 768)
     iterations: tuple[int, ...] = (100, 80, 40)
     learning_rate: float = 0.3
     regularisation: float = 1.0
     window: int = 7
+    control_spacing: int = 1
+
+
+def _per_level(value, n: int) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    if len(values) != n:
+        raise ValueError(f"expected one value per pyramid level ({n}), got {values}")
+    return values
+
+
+def _upsample_params(params: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(params.shape[-2:]) == tuple(shape):
+        return params
+    return F.interpolate(params, size=tuple(shape), mode="bicubic", align_corners=True)
 
 
 def dense_nonrigid(
@@ -77,27 +94,34 @@ def dense_nonrigid(
     residual = None
     total = int(sum(config.iterations))
     done = 0
-    for size, iterations in zip(config.levels, config.iterations):
+    n_levels = len(config.levels)
+    spacings = _per_level(config.control_spacing, n_levels)
+    weights = _per_level(config.regularisation, n_levels)
+    for size, iterations, spacing, weight in zip(config.levels, config.iterations, spacings, weights):
         lshape = _level_shape(shape, size)
         src = resample(source, lshape, device=device, align_corners=ALIGN_CORNERS)[None, None]
         tgt = resample(target, lshape, device=device, align_corners=ALIGN_CORNERS)[None, None]
         init_l = _rescale_field(init, lshape)
+        pshape = tuple(max(2, round(n / spacing)) for n in lshape)
         if residual is None:
-            residual = torch.zeros((1, 2) + lshape, device=device)
+            residual = torch.zeros((1, 2) + pshape, device=device)
         else:
-            residual = _rescale_field(residual.detach(), lshape)
+            residual = _rescale_field(_upsample_params(residual.detach(), prev_shape), lshape)
+            residual = F.interpolate(residual, size=pshape, mode="bilinear", align_corners=True) if pshape != lshape else residual
+        prev_shape = lshape
         residual = residual.detach().requires_grad_(True)
         optimiser = torch.optim.Adam([residual], lr=config.learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad()
-            warped = warp(src, init_l + residual)
-            loss = -local_ncc(warped, tgt, config.window).mean() + config.regularisation * diffusion(residual).mean()
+            dense = _upsample_params(residual, lshape)
+            warped = warp(src, init_l + dense)
+            loss = -local_ncc(warped, tgt, config.window).mean() + weight * diffusion(dense).mean()
             loss.backward()
             optimiser.step()
             done += 1
             if done % 10 == 0 or done == total:
                 report(progress, "nonrigid", done, total, f"level {lshape[0]}x{lshape[1]}")
-    field = init + _rescale_field(residual.detach(), shape)
+    field = init + _rescale_field(_upsample_params(residual.detach(), prev_shape), shape)
     return field[0].cpu().numpy()
 
 
