@@ -1,0 +1,401 @@
+"""Many registrations in parallel on a dask.distributed cluster.
+
+* :func:`evaluate_table_distributed` is :func:`napari_histreg.evaluate.evaluate_table` with the
+  pairs spread over dask workers: the same rows (each pair is registered by the same per-pair
+  function, :func:`napari_histreg.evaluate.evaluate_pair`, with the same seed), the same summary
+  (plus a ``cluster`` entry), the same ``pairs.csv`` / ``summary.json``.
+* :func:`register_batch` registers every pair of a CSV (``Source image``, ``Target image``,
+  optional ``Source landmarks``, ``Target landmarks``, ``status``; paths relative to the CSV),
+  slides included (each is read lazily at the level closest to the working size, see
+  :func:`napari_histreg.slide.register_slides`), and writes per pair a folder with the
+  transform (level-0 pixels), the warped source landmarks, the metrics, and optionally the
+  warped source as an OME-Zarr pyramid (tile-wise, :func:`napari_histreg.tiled.warp_slide`).
+
+The cluster is a ``LocalCluster`` (worker processes, one thread each) unless ``scheduler`` gives
+the address of a running one (``tcp://host:8786``) or ``client`` an existing
+``distributed.Client``. Workers must see the input paths (a shared file system) and have
+napari-histreg installed. A failing pair (a bad file, an exception, a worker that died) is
+recorded with its error and the others finish. Dask's nanny starts workers with
+``OMP_NUM_THREADS=1``, so torch runs one thread per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .evaluate import (
+    PAIR_COLUMNS,
+    CoverPair,
+    _one_line,
+    check_not_inputs,
+    evaluate_pair,
+    read_cover_table,
+    select_pairs,
+    staged_outputs,
+    summarise_by_status,
+    write_pairs_csv,
+)
+from .io import HistRegInputError, atomic_path, atomic_write_json
+from .progress import ProgressCallback, RegistrationCancelled, report
+
+__all__ = [
+    "BATCH_COLUMNS",
+    "dask_client",
+    "evaluate_pair_task",
+    "evaluate_table_distributed",
+    "read_batch_table",
+    "register_batch",
+    "register_pair_task",
+]
+
+#: Columns of ``batch.csv`` written by :func:`register_batch`.
+BATCH_COLUMNS = (
+    "index", "source", "target", "status", "output", "source_level", "target_level",
+    "initial_MrTRE", "MrTRE", "mean_rTRE", "max_rTRE", "robustness", "n_landmarks", "seconds", "error",
+)
+
+
+# --------------------------------------------------------------------------- the cluster
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
+                timeout: float = 60.0, client=None):
+    """A ``distributed.Client``: ``client`` as given, a connection to ``scheduler`` (an address
+    such as ``tcp://127.0.0.1:8786``), or a new ``LocalCluster`` of ``workers`` processes
+    (default: the number of CPUs, at most 4) with ``threads_per_worker`` threads each. What this
+    function started is closed on exit."""
+    if client is not None:
+        yield client
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:  # pragma: no cover - distributed is a dependency of this module
+        raise HistRegInputError(f"dask.distributed is needed for parallel runs: pip install distributed ({err})") from None
+    if scheduler:
+        try:
+            own = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as err:
+            raise HistRegInputError(f"{scheduler}: cannot connect to the dask scheduler ({type(err).__name__}: {err})") from None
+        try:
+            if workers:
+                own.wait_for_workers(workers, timeout=timeout)
+            yield own
+        finally:
+            own.close()
+        return
+    n = workers or max(1, min(os.cpu_count() or 1, 4))
+    with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None,
+                      silence_logs=40) as cluster, Client(cluster) as own:
+        yield own
+
+
+def _describe(client) -> dict:
+    with contextlib.suppress(Exception):
+        info = client.scheduler_info()
+        return {"scheduler": client.scheduler.address, "workers": len(info.get("workers", {}))}
+    return {"scheduler": str(getattr(client.scheduler, "address", "?"))}
+
+
+def _run(client, fn: Callable, calls: list[tuple], on_error: Callable, progress: ProgressCallback, names: list[str]) -> list:
+    """Submit ``fn(*args)`` for each ``args`` in ``calls``; results in call order. A future that
+    fails (an exception not caught by ``fn``, a dead worker) gives ``on_error(index, error)``."""
+    from distributed import as_completed
+
+    total = len(calls)
+    report(progress, "pair", 0, total, f"{total} pairs on {_describe(client).get('workers', '?')} workers")
+    futures = [client.submit(fn, *args, pure=False, key=f"histreg-pair-{k}-{os.getpid()}-{time.time_ns()}") for k, args in enumerate(calls)]
+    index = {f.key: k for k, f in enumerate(futures)}
+    results: list = [None] * total
+    done = 0
+    try:
+        for future in as_completed(futures):
+            k = index[future.key]
+            try:
+                results[k] = future.result()
+            except Exception as err:  # a worker died, or the task could not run
+                results[k] = on_error(k, err)
+            done += 1
+            report(progress, "pair", done, total, names[k])
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return results
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_pair_task(pair: CoverPair, config, device, seed) -> dict:
+    """One row of :func:`evaluate_table` for ``pair``, computed where it runs (a dask worker)."""
+    from .conventions import default_device
+    from .pipeline import Pipeline
+
+    row = {c: None for c in PAIR_COLUMNS}
+    row.update(source=pair.source, target=pair.target, status=pair.status, error="")
+    start = time.perf_counter()
+    try:
+        pipeline = Pipeline(config, device=default_device(device), seed=seed)
+        row.update(evaluate_pair(pair, pipeline, None))
+    except Exception as err:  # recorded, the batch goes on
+        row["error"] = _one_line(err)
+        row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def evaluate_table_distributed(
+    csv_path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    statuses: Iterable[str] | str | None = None,
+    config=None,
+    device=None,
+    seed: int | None = 0,
+    progress: ProgressCallback = None,
+    limit: int | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client=None,
+    timeout: float = 60.0,
+) -> tuple[list[dict], dict]:
+    """:func:`napari_histreg.evaluate.evaluate_table` on a dask cluster (see the module doc).
+
+    Same arguments and results; ``progress`` gets ``stage="pair"`` events as pairs finish (raise
+    :class:`~napari_histreg.RegistrationCancelled` to cancel the rest; nothing is written).
+    The summary has an extra ``cluster`` entry (scheduler address, worker count). ``timeout``:
+    seconds to wait for the scheduler (and for ``workers`` workers on it)."""
+    from . import __version__
+    from .conventions import default_device
+    from .evaluate import _jsonable
+    from .pipeline import RegistrationConfig
+
+    csv_path = Path(csv_path)
+    pairs = select_pairs(read_cover_table(csv_path), statuses, limit, name=str(csv_path))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
+        check_not_inputs([out_dir / "pairs.csv", out_dir / "summary.json"], [csv_path])
+    config = config or RegistrationConfig()
+    local_device = default_device(device)  # a bad device fails here, once
+    device_arg = None if device in (None, "auto") else str(device)
+
+    def failed(k, err):
+        pair = pairs[k]
+        row = {c: None for c in PAIR_COLUMNS}
+        row.update(source=pair.source, target=pair.target, status=pair.status, error=f"worker failed: {_one_line(err)}")
+        return row
+
+    names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
+    with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
+        cluster = _describe(dc)
+        rows = _run(dc, evaluate_pair_task, [(p, config, device_arg, seed) for p in pairs], failed, progress, names)
+
+    summary = summarise_by_status(rows)
+    summary.update(
+        {
+            "table": str(csv_path),
+            "statuses": [s.strip() for s in (statuses.split(",") if isinstance(statuses, str) else statuses or [])],
+            "device": str(local_device),
+            "seed": seed,
+            "version": __version__,
+            "config": _jsonable(config.to_dict()),
+            "cluster": cluster,
+        }
+    )
+    if out_dir is not None:
+        with staged_outputs(out_dir) as stage:
+            write_pairs_csv(stage / "pairs.csv", rows)
+            atomic_write_json(stage / "summary.json", summary)
+    return rows, summary
+
+
+# --------------------------------------------------------------------------- register-batch
+def read_batch_table(csv_path: str | os.PathLike) -> list[CoverPair]:
+    """Pairs of a batch CSV: ``Source image`` and ``Target image`` are required, ``Source
+    landmarks``, ``Target landmarks`` and ``status`` optional; paths relative to the CSV."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise HistRegInputError(f"{csv_path}: batch table not found" if not csv_path.exists() else f"{csv_path}: is not a CSV file")
+    try:
+        with open(csv_path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            records = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise HistRegInputError(f"{csv_path}: not a CSV table ({err})") from None
+    missing = [c for c in ("Source image", "Target image") if c not in fields]
+    if missing:
+        raise HistRegInputError(f"{csv_path}: batch table lacks the column(s) {', '.join(map(repr, missing))}; it has {fields}")
+    folder = csv_path.resolve().parent
+    pairs = []
+    for line, record in enumerate(records, start=2):
+        record = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k is not None}
+        if not any(record.values()):
+            continue
+        pairs.append(CoverPair(row=line, source=record.get("Source image", ""), source_landmarks=record.get("Source landmarks", ""),
+                               target=record.get("Target image", ""), target_landmarks=record.get("Target landmarks", ""),
+                               status=record.get("status", ""), folder=folder))
+    return pairs
+
+
+def _stem(name: str) -> str:
+    stem = Path(name).name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(stem).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:60] or "image"
+
+
+def pair_folder_name(index: int, pair: CoverPair) -> str:
+    return f"{index:03d}-{_stem(pair.source)}__{_stem(pair.target)}"
+
+
+def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp: bool = False, tile: int = 2048,
+                       overwrite: bool = False) -> dict:
+    """Register one batch pair (slides read lazily) and write its folder; returns its row."""
+    import numpy as np
+
+    from .io import pair_landmarks, read_landmarks, write_landmarks
+    from .metrics import pair_metrics
+    from .slide import open_slide, register_slides
+
+    folder = Path(folder)
+    row = {c: None for c in BATCH_COLUMNS}
+    row.update(source=pair.source, target=pair.target, status=pair.status, output=str(folder), error="")
+    start = time.perf_counter()
+    try:
+        for label, value in (("Source image", pair.source), ("Target image", pair.target)):
+            if not value:
+                raise HistRegInputError(f"batch table line {pair.row}: no {label!r} given")
+        source_path, target_path = pair.path(pair.source), pair.path(pair.target)
+        source_lm = read_landmarks(pair.path(pair.source_landmarks)) if pair.source_landmarks else None
+        target_lm = read_landmarks(pair.path(pair.target_landmarks)) if pair.target_landmarks else None
+        with open_slide(source_path) as source, open_slide(target_path) as target:
+            result = register_slides(source, target, config, device=device, seed=seed)
+            row.update(source_level=result.info["slide"]["source_level"], target_level=result.info["slide"]["target_level"])
+            mapped = None
+            metrics = None
+            if source_lm is not None:
+                mapped = result.map_source_points(source_lm[1])
+                if not np.isfinite(mapped).all():
+                    raise ValueError("mapped landmarks contain NaN (the transform is not finite)")
+            if source_lm is not None and target_lm is not None:
+                _, s_pts, t_pts = pair_landmarks(*source_lm, *target_lm, pair.source_landmarks, pair.target_landmarks)
+                metrics = pair_metrics(s_pts, result.map_source_points(s_pts), t_pts, target.shape)
+                row.update(initial_MrTRE=metrics["initial_median_rtre"], MrTRE=metrics["median_rtre"],
+                           mean_rTRE=metrics["mean_rtre"], max_rTRE=metrics["max_rtre"],
+                           robustness=metrics["robustness"], n_landmarks=metrics["n_landmarks"])
+            with staged_outputs(folder) as stage:
+                result.save(stage / "transform")
+                if mapped is not None:
+                    write_landmarks(stage / "warped_source_landmarks.csv", source_lm[0], mapped)
+                if metrics is not None:
+                    atomic_write_json(stage / "metrics.json", {**metrics, "source": pair.source, "target": pair.target})
+            if warp:
+                from .tiled import warp_slide
+
+                warp_slide(result, source, folder / "warped.ome.zarr", tile=tile, workers=1, overwrite=overwrite)
+    except Exception as err:  # recorded, the batch goes on
+        row["error"] = _one_line(err)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def write_batch_csv(path, rows: list[dict]) -> Path:
+    from .evaluate import _fmt
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(BATCH_COLUMNS)
+            for row in rows:
+                writer.writerow(["" if row.get(c) is None else (f"{row[c]:.2f}" if c == "seconds" else _fmt(row.get(c), 6))
+                                 for c in BATCH_COLUMNS])
+    return Path(path)
+
+
+def register_batch(
+    csv_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config=None,
+    device=None,
+    seed: int | None = 0,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client=None,
+    warp: bool = False,
+    tile: int = 2048,
+    statuses: Iterable[str] | str | None = None,
+    limit: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback = None,
+    timeout: float = 60.0,
+) -> tuple[list[dict], dict]:
+    """Register every pair of the batch table ``csv_path`` on a dask cluster (see the module doc)
+    and write ``out_dir/pairs/NNN-SOURCE__TARGET/`` (``transform.mha`` + ``transform.json`` in
+    level-0 pixels, ``warped_source_landmarks.csv``, ``metrics.json``, ``warped.ome.zarr`` with
+    ``warp``) per pair, then ``out_dir/batch.csv`` (one row per pair, :data:`BATCH_COLUMNS`) and
+    ``out_dir/summary.json``. ``timeout``: seconds to wait for the scheduler. Returns
+    ``(rows, summary)``."""
+    from . import __version__
+    from .conventions import default_device
+    from .evaluate import _jsonable
+    from .pipeline import RegistrationConfig
+
+    csv_path = Path(csv_path)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
+    pairs = select_pairs(read_batch_table(csv_path), statuses, limit, name=str(csv_path))
+    if not pairs:
+        raise HistRegInputError(f"{csv_path}: no pairs to register")
+    check_not_inputs([out_dir / "batch.csv", out_dir / "summary.json"], [csv_path])
+    config = config or RegistrationConfig()
+    default_device(device)  # a bad device fails here, once
+    device_arg = None if device in (None, "auto") else str(device)
+    folders = [out_dir / "pairs" / pair_folder_name(k, p) for k, p in enumerate(pairs, start=1)]
+    for folder in folders:
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise HistRegInputError(f"{folder}: output exists; pass overwrite (--overwrite) to replace it")
+
+    def failed(k, err):
+        row = {c: None for c in BATCH_COLUMNS}
+        row.update(source=pairs[k].source, target=pairs[k].target, status=pairs[k].status, output=str(folders[k]),
+                   error=f"worker failed: {_one_line(err)}")
+        return row
+
+    names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
+    calls = [(p, str(f), config, device_arg, seed, warp, tile, overwrite) for p, f in zip(pairs, folders)]
+    with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
+        cluster = _describe(dc)
+        rows = _run(dc, register_pair_task, calls, failed, progress, names)
+    for k, row in enumerate(rows, start=1):
+        row["index"] = k
+    summary = summarise_by_status([r for r in rows if r.get("MrTRE") is not None or r.get("error")])
+    summary.update(
+        {
+            "pairs": len(rows),
+            "registered": sum(1 for r in rows if not r.get("error")),
+            "failed": sum(1 for r in rows if r.get("error")),
+            "table": str(csv_path),
+            "seed": seed,
+            "version": __version__,
+            "config": _jsonable(config.to_dict()),
+            "cluster": cluster,
+            "warp": warp,
+        }
+    )
+    with staged_outputs(out_dir) as stage:
+        write_batch_csv(stage / "batch.csv", rows)
+        atomic_write_json(stage / "summary.json", summary)
+    return rows, summary
+
+
+__all__ += ["RegistrationCancelled"]  # re-exported: raise it from ``progress`` to cancel a batch
