@@ -30,16 +30,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .evaluate import (
-    PAIR_COLUMNS,
     CoverPair,
     _one_line,
     check_not_inputs,
-    evaluate_pair,
-    read_cover_table,
+    empty_row,
+    evaluate_row,
+    open_table,
     select_pairs,
     staged_outputs,
     summarise_by_status,
-    write_pairs_csv,
+    table_summary,
+    write_table_outputs,
 )
 from .io import HistRegInputError, atomic_path, atomic_write_json
 from .progress import ProgressCallback, RegistrationCancelled, report
@@ -133,16 +134,11 @@ def evaluate_pair_task(pair: CoverPair, config, device, seed) -> dict:
     from .conventions import default_device
     from .pipeline import Pipeline
 
-    row = {c: None for c in PAIR_COLUMNS}
-    row.update(source=pair.source, target=pair.target, status=pair.status, error="")
-    start = time.perf_counter()
     try:
         pipeline = Pipeline(config, device=default_device(device), seed=seed)
-        row.update(evaluate_pair(pair, pipeline, None))
     except Exception as err:  # recorded, the batch goes on
-        row["error"] = _one_line(err)
-        row["seconds"] = time.perf_counter() - start
-    return row
+        return empty_row(pair, _one_line(err))
+    return evaluate_row(pair, pipeline, None)
 
 
 def evaluate_table_distributed(
@@ -166,49 +162,24 @@ def evaluate_table_distributed(
     :class:`~napari_histreg.RegistrationCancelled` to cancel the rest; nothing is written).
     The summary has an extra ``cluster`` entry (scheduler address, worker count). ``timeout``:
     seconds to wait for the scheduler (and for ``workers`` workers on it)."""
-    from . import __version__
     from .conventions import default_device
-    from .evaluate import _jsonable
     from .pipeline import RegistrationConfig
 
-    csv_path = Path(csv_path)
-    pairs = select_pairs(read_cover_table(csv_path), statuses, limit, name=str(csv_path))
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
-        check_not_inputs([out_dir / "pairs.csv", out_dir / "summary.json"], [csv_path])
+    csv_path, pairs = open_table(csv_path, out_dir, statuses, limit)
     config = config or RegistrationConfig()
     local_device = default_device(device)  # a bad device fails here, once
     device_arg = None if device in (None, "auto") else str(device)
 
     def failed(k, err):
-        pair = pairs[k]
-        row = {c: None for c in PAIR_COLUMNS}
-        row.update(source=pair.source, target=pair.target, status=pair.status, error=f"worker failed: {_one_line(err)}")
-        return row
+        return empty_row(pairs[k], f"worker failed: {_one_line(err)}")
 
     names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
     with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
         cluster = _describe(dc)
         rows = _run(dc, evaluate_pair_task, [(p, config, device_arg, seed) for p in pairs], failed, progress, names)
 
-    summary = summarise_by_status(rows)
-    summary.update(
-        {
-            "table": str(csv_path),
-            "statuses": [s.strip() for s in (statuses.split(",") if isinstance(statuses, str) else statuses or [])],
-            "device": str(local_device),
-            "seed": seed,
-            "version": __version__,
-            "config": _jsonable(config.to_dict()),
-            "cluster": cluster,
-        }
-    )
-    if out_dir is not None:
-        with staged_outputs(out_dir) as stage:
-            write_pairs_csv(stage / "pairs.csv", rows)
-            atomic_write_json(stage / "summary.json", summary)
+    summary = table_summary(rows, csv_path, statuses, local_device, seed, config, cluster=cluster)
+    write_table_outputs(out_dir, rows, summary)
     return rows, summary
 
 

@@ -7,7 +7,6 @@ no traceback), 130 interrupted (no partial outputs are left), 1 anything else.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import warnings

@@ -331,10 +331,27 @@ def evaluate_table(
     :func:`summarise_rows` plus ``per_status`` and the run settings. With ``out_dir``,
     ``out_dir/pairs.csv`` and ``out_dir/summary.json`` are written (both or neither).
     """
-    from . import __version__
     from .conventions import default_device
     from .pipeline import Pipeline, RegistrationConfig
 
+    csv_path, pairs = open_table(csv_path, out_dir, statuses, limit)
+    config = config or RegistrationConfig()
+    pipeline = Pipeline(config, device=default_device(device), seed=seed)  # a bad device fails here, once
+
+    total = len(pairs)
+    rows: list[dict] = []
+    for k, pair in enumerate(pairs):
+        report(progress, "pair", k, total, f"{Path(pair.source).name} -> {Path(pair.target).name}")
+        rows.append(evaluate_row(pair, pipeline, progress))
+    report(progress, "pair", total, total, "done")
+
+    summary = table_summary(rows, csv_path, statuses, pipeline.device, seed, config)
+    write_table_outputs(out_dir, rows, summary)
+    return rows, summary
+
+
+def open_table(csv_path, out_dir, statuses, limit) -> tuple[Path, list[CoverPair]]:
+    """The selected pairs of a cover table, after checking that ``out_dir`` can take the outputs."""
     csv_path = Path(csv_path)
     pairs = select_pairs(read_cover_table(csv_path), statuses, limit, name=str(csv_path))
     if out_dir is not None:
@@ -342,42 +359,55 @@ def evaluate_table(
         if out_dir.exists() and not out_dir.is_dir():
             raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
         check_not_inputs([out_dir / "pairs.csv", out_dir / "summary.json"], [csv_path])
-    config = config or RegistrationConfig()
-    pipeline = Pipeline(config, device=default_device(device), seed=seed)  # a bad device fails here, once
+    return csv_path, pairs
 
-    rows: list[dict] = []
-    total = len(pairs)
-    for k, pair in enumerate(pairs):
-        report(progress, "pair", k, total, f"{Path(pair.source).name} -> {Path(pair.target).name}")
-        row = {c: None for c in PAIR_COLUMNS}
-        row.update(source=pair.source, target=pair.target, status=pair.status, error="")
-        start = time.perf_counter()
-        try:
-            row.update(evaluate_pair(pair, pipeline, progress))
-        except RegistrationCancelled:
-            raise
-        except Exception as err:  # recorded, the run goes on
-            row["error"] = _one_line(err)
-            row["seconds"] = time.perf_counter() - start
-        rows.append(row)
-    report(progress, "pair", total, total, "done")
+
+def empty_row(pair: CoverPair, error: str = "") -> dict:
+    row = {c: None for c in PAIR_COLUMNS}
+    row.update(source=pair.source, target=pair.target, status=pair.status, error=error)
+    return row
+
+
+def evaluate_row(pair: CoverPair, pipeline, progress: ProgressCallback = None) -> dict:
+    """One row of the table: the pair's metrics, or its error (recorded; the run goes on)."""
+    row = empty_row(pair)
+    start = time.perf_counter()
+    try:
+        row.update(evaluate_pair(pair, pipeline, progress))
+    except RegistrationCancelled:
+        raise
+    except Exception as err:  # recorded, the run goes on
+        row["error"] = _one_line(err)
+        row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def table_summary(rows, csv_path, statuses, device, seed, config, **extra) -> dict:
+    """:func:`summarise_by_status` plus the settings of the run."""
+    from . import __version__
 
     summary = summarise_by_status(rows)
     summary.update(
         {
             "table": str(csv_path),
             "statuses": [s.strip() for s in (statuses.split(",") if isinstance(statuses, str) else statuses or [])],
-            "device": str(pipeline.device),
+            "device": str(device),
             "seed": seed,
             "version": __version__,
             "config": _jsonable(config.to_dict()),
+            **extra,
         }
     )
-    if out_dir is not None:
-        with staged_outputs(out_dir) as stage:
-            write_pairs_csv(stage / "pairs.csv", rows)
-            atomic_write_json(stage / "summary.json", summary)
-    return rows, summary
+    return summary
+
+
+def write_table_outputs(out_dir, rows, summary) -> None:
+    """``out_dir/pairs.csv`` and ``out_dir/summary.json``, both or neither."""
+    if out_dir is None:
+        return
+    with staged_outputs(Path(out_dir)) as stage:
+        write_pairs_csv(stage / "pairs.csv", rows)
+        atomic_write_json(stage / "summary.json", summary)
 
 
 def _jsonable(value):

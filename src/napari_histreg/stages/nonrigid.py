@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conventions import ALIGN_CORNERS, compose, identity_grid, to_tensor, warp
+from ..conventions import ALIGN_CORNERS, compose, to_tensor, warp
 from ..progress import ProgressCallback, report
 from ..similarity import curvature, diffusion, local_ncc
 from .preprocess import resample
@@ -95,6 +95,7 @@ def dense_nonrigid(
     shape = target.shape
     init = to_tensor(initial_field, device=device)[None]
     residual = None
+    prev_shape = None
     total = int(sum(config.iterations))
     done = 0
     n_levels = len(config.levels)
