@@ -10,6 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # One torch thread for the whole suite: on a 2-core machine that is busy with anything
+    # else, torch's intra-op threads spin against each other and two threads run several times
+    # slower than one; with one, test times stay predictable on CI.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def find_shared_data() -> Path | None:
     """``$HISTREG_DATA`` or ``../shared/data`` beside the repository, if it holds dataset.csv."""
     candidates = [os.environ.get("HISTREG_DATA"), REPO.parent / "shared" / "data"]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from skimage.io import imsave
 
 pytest.importorskip("distributed")
@@ -26,7 +25,6 @@ from napari_histreg.evaluate import PAIR_COLUMNS, evaluate_table  # noqa: E402
 from napari_histreg.io import HistRegInputError, read_landmarks, write_landmarks  # noqa: E402
 from napari_histreg.result import RegistrationResult  # noqa: E402
 
-torch.set_num_threads(1)
 
 FAST = {
     "preprocess": {"working_size": 256},

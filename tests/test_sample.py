@@ -15,16 +15,6 @@ from napari_histreg.metrics import pair_metrics, rtre
 from napari_histreg.sample import SamplePair, make_sample_pair, sample_layer_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # On a small shared CPU, torch's intra-op threads fight with other processes and one
-    # thread is several times faster than two; restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair() -> SamplePair:
     return make_sample_pair(0)

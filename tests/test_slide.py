@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 from zarr.storage import WrapperStore
 
@@ -27,7 +26,6 @@ from napari_histreg.slide import (
     write_ome_tiff,
 )
 
-torch.set_num_threads(1)
 
 FAST = RegistrationConfig()
 FAST.preprocess.working_size = 192

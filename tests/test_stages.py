@@ -50,16 +50,6 @@ FAST_PATCH = PatchConfig(levels=(128, 256), iterations=(1, 1), patch_size=64)
 FAST_PREDICTOR = PatchInstanceOptimiser(iterations=20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # On a small shared CPU, torch's intra-op threads fight with other processes and one
-    # thread is several times faster than two; restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def stains():

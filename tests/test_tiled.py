@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 from scipy.ndimage import gaussian_filter
 from napari_conftest import display, qapp_cls, run_widget, viewer  # noqa: F401  (GUI fixtures)
@@ -28,7 +27,6 @@ from napari_histreg.result import RegistrationResult
 from napari_histreg.slide import open_slide, write_ome_tiff
 from napari_histreg.tiled import warp_slide
 
-torch.set_num_threads(1)
 
 SHAPE = (1500, 2000)
 
