@@ -1,4 +1,4 @@
-"""ANHIR landmark metrics (Borovec et al., IEEE TMI 2020)."""
+"""ANHIR landmark metrics (Borovec et al., IEEE TMI 2020); summaries over pairs live in ``evaluate``."""
 
 from __future__ import annotations
 
@@ -30,22 +30,4 @@ def pair_metrics(initial_source_rc, mapped_source_rc, target_rc, target_shape) -
         "max_rtre": float(np.max(after)),
         "robustness": float(np.mean(after < before)),
         "n_landmarks": int(len(after)),
-    }
-
-
-def summarise(pairs: list[dict]) -> dict:
-    """ANHIR summary over pairs: AMrTRE, MMrTRE, AArTRE, mean robustness."""
-    ok = [p for p in pairs if p.get("median_rtre") is not None and np.isfinite(p["median_rtre"])]
-    if not ok:
-        return {"pairs": len(pairs), "failed": len(pairs)}
-    mr = np.array([p["median_rtre"] for p in ok])
-    ar = np.array([p["mean_rtre"] for p in ok])
-    rob = np.array([p["robustness"] for p in ok])
-    return {
-        "pairs": len(pairs),
-        "failed": len(pairs) - len(ok),
-        "AMrTRE": float(mr.mean()),
-        "MMrTRE": float(np.median(mr)),
-        "AArTRE": float(ar.mean()),
-        "robustness": float(rob.mean()),
     }

@@ -11,16 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .conventions import (
-    ALIGN_CORNERS,
     Frame,
     field_between_frames,
     map_source_to_target,
     map_target_to_source,
-    pixels_to_normalised,
     to_tensor,
+    warp,
 )
 
 FORMAT_VERSION = 1
@@ -81,14 +79,12 @@ class RegistrationResult:
         image = np.asarray(image)
         if image.ndim not in (2, 3):
             raise ValueError(f"expected (H, W) or (H, W, C) image, got shape {image.shape}")
-        field = torch.as_tensor(self.field(image.shape[:2], device=device))
+        source_frame, target_frame = self._frames_for(image.shape[:2])
+        field = field_between_frames(to_tensor(self.working_field, device=device), target_frame, source_frame)
         chw = image[..., None] if image.ndim == 2 else image
         tensor = torch.as_tensor(np.ascontiguousarray(chw.transpose(2, 0, 1)), dtype=torch.float32, device=field.device)
-        h, w = field.shape[-2:]
-        coords = torch.stack(torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")).to(field.device)
-        grid = pixels_to_normalised((coords + field).permute(1, 2, 0), image.shape[:2])[None]
         mode = "nearest" if order == 0 else "bilinear"
-        out = F.grid_sample(tensor[None] - cval, grid, mode=mode, padding_mode="zeros", align_corners=ALIGN_CORNERS)[0] + cval
+        out = warp(tensor[None] - cval, field[None], mode=mode, padding_mode="zeros")[0] + cval
         out = out.permute(1, 2, 0).cpu().numpy()
         if np.issubdtype(image.dtype, np.integer):
             info = np.iinfo(image.dtype)

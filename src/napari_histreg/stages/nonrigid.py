@@ -251,5 +251,5 @@ def patch_nonrigid(
                 report(progress, "nonrigid", done, total, f"level {lshape[0]}x{lshape[1]}")
             update = fold_patches(torch.cat(updates), padded_shape, lshape, patch, stride)
             field_l = compose(update, field_l)
-        field = _rescale_field(field_l, shape)
-    return field[0].cpu().numpy()
+        field = field_l  # the next level resizes it directly; no round trip through full size
+    return _rescale_field(field, shape)[0].cpu().numpy()
