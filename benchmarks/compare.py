@@ -355,11 +355,9 @@ def stage_profile(stage_rows: list[dict], labels: list[str]) -> dict:
 
 # --------------------------------------------------------------------------- writers
 def _fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    from napari_histreg.evaluate import _fmt as fmt
+
+    return fmt(value, digits)
 
 
 def write_csv(path: Path, columns, rows: list[dict]) -> None:
@@ -648,6 +646,7 @@ def _main(args) -> int:
     from napari_histreg.cli import apply_overrides
     from napari_histreg.evaluate import read_cover_table, select_pairs, staged_outputs
     from napari_histreg.io import HistRegInputError, atomic_write_json, atomic_write_text
+    from napari_histreg.metrics import rtre
 
     if args.threads is not None:
         if args.threads < 1:
@@ -687,11 +686,13 @@ def _main(args) -> int:
     if overlay_index is None:
         overlay_index = next((k for k, p in enumerate(pairs) if p.status == "training"), 0)
 
+    first_ours = next((r.label for r in runners if r.method.kind == "histreg"), None)
     rows, stage_rows, landmark_rows, overlay_results, overlay_pair = [], [], [], {}, None
     for k, cover in enumerate(pairs):
         pair = load_pair(k, cover)
         if k == 0 and not args.no_warmup:
             warm_up(runners, pair)
+        before = None  # rTRE of every landmark before registration: the same for every method
         for runner in runners:
             row, stages, errors, result = run_one(runner, pair)
             rows.append(row)
@@ -699,15 +700,13 @@ def _main(args) -> int:
                 stage_rows.append({"status": pair.status, "pair": pair.label, "method": runner.label,
                                    "device": runner.device, "stage": stage, "seconds": seconds})
             if errors is not None:
-                from napari_histreg.metrics import rtre
-
-                before = rtre(pair.source_points, pair.target_points, pair.target.shape[:2])
+                if before is None:
+                    before = rtre(pair.source_points, pair.target_points, pair.target.shape[:2])
                 for lid, value, initial in zip(pair.ids, errors, before):
                     landmark_rows.append({"status": pair.status, "pair": pair.label, "method": runner.label,
                                           "device": runner.device, "landmark": lid, "rTRE": float(value),
                                           "initial_rTRE": float(initial)})
             if k == overlay_index and result is not None and runner.device == "cpu":
-                first_ours = next((r.label for r in runners if r.method.kind == "histreg"), None)
                 if runner.label in (first_ours, REFERENCE):
                     overlay_results[runner.label] = result
                     overlay_pair = pair
@@ -727,7 +726,7 @@ def _main(args) -> int:
         "preprocessing, registration and landmark mapping (image reading excluded), after one warm-up run of every method.",
     ]
     md = markdown(summary, profile, env, methods, runners, rows, notes)
-    report = {"environment": env, "settings": {k: v for k, v in vars(args).items()}, "statuses": statuses,
+    report = {"environment": env, "settings": dict(vars(args)), "statuses": statuses,
               "methods": [dataclasses.asdict(m) for m in methods], "summary": summary, "stage_profile": profile}
 
     out = Path(args.out)

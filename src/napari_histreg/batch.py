@@ -22,7 +22,6 @@ recorded with its error and the others finish. Dask's nanny starts workers with
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import re
 import time
@@ -36,13 +35,15 @@ from .evaluate import (
     empty_row,
     evaluate_row,
     open_table,
+    read_pair_rows,
     select_pairs,
     staged_outputs,
     summarise_by_status,
     table_summary,
+    write_pairs_csv,
     write_table_outputs,
 )
-from .io import HistRegInputError, atomic_path, atomic_write_json
+from .io import HistRegInputError, atomic_write_json
 from .progress import ProgressCallback, RegistrationCancelled, report
 
 __all__ = [
@@ -190,26 +191,7 @@ def read_batch_table(csv_path: str | os.PathLike) -> list[CoverPair]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise HistRegInputError(f"{csv_path}: batch table not found" if not csv_path.exists() else f"{csv_path}: is not a CSV file")
-    try:
-        with open(csv_path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields = [f.strip() for f in (reader.fieldnames or [])]
-            records = list(reader)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise HistRegInputError(f"{csv_path}: not a CSV table ({err})") from None
-    missing = [c for c in ("Source image", "Target image") if c not in fields]
-    if missing:
-        raise HistRegInputError(f"{csv_path}: batch table lacks the column(s) {', '.join(map(repr, missing))}; it has {fields}")
-    folder = csv_path.resolve().parent
-    pairs = []
-    for line, record in enumerate(records, start=2):
-        record = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k is not None}
-        if not any(record.values()):
-            continue
-        pairs.append(CoverPair(row=line, source=record.get("Source image", ""), source_landmarks=record.get("Source landmarks", ""),
-                               target=record.get("Target image", ""), target_landmarks=record.get("Target landmarks", ""),
-                               status=record.get("status", ""), folder=folder))
-    return pairs
+    return read_pair_rows(csv_path, ("Source image", "Target image"), "batch table", "CSV table")
 
 
 def _stem(name: str) -> str:
@@ -227,6 +209,12 @@ def pair_folder_name(index: int, pair: CoverPair) -> str:
     return f"{index:03d}-{_stem(pair.source)}__{_stem(pair.target)}"
 
 
+def _batch_row(pair: CoverPair, folder, error: str = "") -> dict:
+    row = {c: None for c in BATCH_COLUMNS}
+    row.update(source=pair.source, target=pair.target, status=pair.status, output=str(folder), error=error)
+    return row
+
+
 def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp: bool = False, tile: int = 2048,
                        overwrite: bool = False) -> dict:
     """Register one batch pair (slides read lazily) and write its folder; returns its row."""
@@ -237,8 +225,7 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
     from .slide import open_slide, register_slides
 
     folder = Path(folder)
-    row = {c: None for c in BATCH_COLUMNS}
-    row.update(source=pair.source, target=pair.target, status=pair.status, output=str(folder), error="")
+    row = _batch_row(pair, folder)
     start = time.perf_counter()
     try:
         for label, value in (("Source image", pair.source), ("Target image", pair.target)):
@@ -279,16 +266,8 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
 
 
 def write_batch_csv(path, rows: list[dict]) -> Path:
-    from .evaluate import _fmt
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(BATCH_COLUMNS)
-            for row in rows:
-                writer.writerow(["" if row.get(c) is None else (f"{row[c]:.2f}" if c == "seconds" else _fmt(row.get(c), 6))
-                                 for c in BATCH_COLUMNS])
-    return Path(path)
+    """``batch.csv`` (columns :data:`BATCH_COLUMNS`), written atomically."""
+    return write_pairs_csv(path, rows, BATCH_COLUMNS)
 
 
 def register_batch(
@@ -337,10 +316,7 @@ def register_batch(
             raise HistRegInputError(f"{folder}: output exists; pass overwrite (--overwrite) to replace it")
 
     def failed(k, err):
-        row = {c: None for c in BATCH_COLUMNS}
-        row.update(source=pairs[k].source, target=pairs[k].target, status=pairs[k].status, output=str(folders[k]),
-                   error=f"worker failed: {_one_line(err)}")
-        return row
+        return _batch_row(pairs[k], folders[k], f"worker failed: {_one_line(err)}")
 
     names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
     calls = [(p, str(f), config, device_arg, seed, warp, tile, overwrite) for p, f in zip(pairs, folders)]

@@ -146,7 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
-class StageProgress:
+class _ClosingBars:
+    """``with`` support: the bars are closed when the block ends, however it ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class StageProgress(_ClosingBars):
     """A ProgressEvent callback drawing one tqdm bar per stage on stderr."""
 
     def __init__(self, disable: bool = False, position: int = 0, leave: bool = True, stages=None, exclude=()):
@@ -185,7 +195,7 @@ class StageProgress:
             self.bar = None
 
 
-class PairProgress:
+class PairProgress(_ClosingBars):
     """Outer bar for ``stage="pair"`` events, inner per-stage bars for the rest."""
 
     def __init__(self, disable: bool = False):
@@ -355,11 +365,8 @@ def register_and_write(
             planned.append(OUTPUT_NAMES["metrics"])
         check_not_inputs([out / name for name in planned], inputs)
 
-    progress = StageProgress(disable=quiet)
-    try:
+    with StageProgress(disable=quiet) as progress:
         result = register(source_image, target_image, config, device=device, seed=seed, progress=progress)
-    finally:
-        progress.close()
 
     report: dict = {"result": result, "outputs": [], "metrics": None}
     mapped_all = None
@@ -431,14 +438,11 @@ def cmd_register(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_table, format_table
 
-    progress = PairProgress(disable=args.quiet)
-    try:
+    with PairProgress(disable=args.quiet) as progress:
         rows, summary = evaluate_table(
             args.table, args.output, statuses=args.status, config=_config(args), device=_device(args),
             seed=args.seed, progress=progress, limit=args.limit,
         )
-    finally:
-        progress.close()
     _say(format_table(rows, summary))
     _say(f"\nwritten {Path(args.output) / 'pairs.csv'} and {Path(args.output) / 'summary.json'}")
     return EXIT_OK
@@ -475,7 +479,8 @@ def cmd_demo(args) -> int:
     except ImportError as err:
         raise HistRegInputError(f"napari_histreg.sample: the bundled sample pair is not available ({err})") from None
     pair = make_sample_pair()
-    ids = list(getattr(pair, "ids", None) if getattr(pair, "ids", None) is not None else range(len(pair.source_landmarks)))
+    ids = getattr(pair, "ids", None)
+    ids = list(ids if ids is not None else range(len(pair.source_landmarks)))
     report = register_and_write(
         pair.source, pair.target, out=args.output,
         source_landmarks=("sample source landmarks", ids, pair.source_landmarks),
@@ -572,14 +577,11 @@ def cmd_evaluate_parallel(args) -> int:
     from .batch import evaluate_table_distributed
     from .evaluate import format_table
 
-    progress = StageProgress(disable=args.quiet)
-    try:
+    with StageProgress(disable=args.quiet) as progress:
         rows, summary = evaluate_table_distributed(
             args.table, args.output, statuses=args.status, config=_config(args), device=args.device,
             seed=args.seed, progress=progress, limit=args.limit, scheduler=args.scheduler, workers=args.workers,
         )
-    finally:
-        progress.close()
     _say(format_table(rows, summary))
     cluster = summary.get("cluster", {})
     _say(f"\nran on {cluster.get('workers', '?')} dask workers ({cluster.get('scheduler', '?')})")
@@ -625,15 +627,12 @@ def cmd_register_batch(args) -> int:
     from .batch import register_batch
     from .evaluate import _fmt, _fmt_seconds
 
-    progress = StageProgress(disable=args.quiet)
-    try:
+    with StageProgress(disable=args.quiet) as progress:
         rows, summary = register_batch(
             args.table, args.output, _config(args), device=args.device, seed=args.seed, scheduler=args.scheduler,
             workers=args.workers, warp=args.warp, tile=args.tile, statuses=args.status, limit=args.limit,
             overwrite=args.overwrite, progress=progress,
         )
-    finally:
-        progress.close()
     for row in rows:
         levels = "" if row.get("source_level") is None else f" levels {row['source_level']}/{row['target_level']}"
         score = f" MrTRE {_fmt(row['MrTRE'], 4)}" if row.get("MrTRE") is not None else ""

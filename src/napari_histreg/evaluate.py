@@ -123,16 +123,22 @@ def read_cover_table(csv_path: str | os.PathLike) -> list[CoverPair]:
         raise HistRegInputError(f"{csv_path}: cover table not found")
     if csv_path.is_dir():
         raise HistRegInputError(f"{csv_path}: is a folder, not a cover table CSV")
+    return read_pair_rows(csv_path, REQUIRED_COLUMNS, "cover table", "CSV cover table")
+
+
+def read_pair_rows(csv_path: Path, required: Iterable[str], kind: str, csv_kind: str) -> list[CoverPair]:
+    """The non-empty rows of a pair table (cover or batch table) as :class:`CoverPair` s.
+    ``kind`` / ``csv_kind`` name the table in the messages about missing columns / a bad CSV."""
     try:
         with open(csv_path, newline="") as handle:
             reader = csv.DictReader(handle)
             fields = [f.strip() for f in (reader.fieldnames or [])]
             records = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
-        raise HistRegInputError(f"{csv_path}: not a CSV cover table ({err})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+        raise HistRegInputError(f"{csv_path}: not a {csv_kind} ({err})") from None
+    missing = [c for c in required if c not in fields]
     if missing:
-        raise HistRegInputError(f"{csv_path}: cover table lacks the column(s) {', '.join(map(repr, missing))}; it has {fields}")
+        raise HistRegInputError(f"{csv_path}: {kind} lacks the column(s) {', '.join(map(repr, missing))}; it has {fields}")
     folder = csv_path.resolve().parent
     pairs = []
     for line, record in enumerate(records, start=2):
@@ -157,7 +163,7 @@ def select_pairs(pairs: list[CoverPair], statuses: Iterable[str] | str | None = 
     """Keep the pairs whose status is in ``statuses`` (comma-separated string or list), then
     the first ``limit`` of them."""
     if isinstance(statuses, str):
-        statuses = [s for s in statuses.split(",")]
+        statuses = statuses.split(",")
     wanted = [s.strip() for s in statuses or [] if s.strip()]
     if wanted:
         available = sorted({p.status for p in pairs})
@@ -256,14 +262,15 @@ def _fmt(value, digits: int = 5) -> str:
     return str(value)
 
 
-def write_pairs_csv(path, rows: list[dict]) -> Path:
-    """``pairs.csv`` (columns :data:`PAIR_COLUMNS`), written atomically."""
+def write_pairs_csv(path, rows: list[dict], columns: Iterable[str] = PAIR_COLUMNS) -> Path:
+    """``pairs.csv`` (columns :data:`PAIR_COLUMNS`, or ``columns``), written atomically."""
+    columns = tuple(columns)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(PAIR_COLUMNS)
+            writer.writerow(columns)
             for row in rows:
-                writer.writerow([_fmt(row.get(c), 6) if c != "seconds" else _fmt_seconds(row.get(c)) for c in PAIR_COLUMNS])
+                writer.writerow([_fmt(row.get(c), 6) if c != "seconds" else _fmt_seconds(row.get(c)) for c in columns])
     return Path(path)
 
 
@@ -288,9 +295,9 @@ def format_table(rows: list[dict], summary: dict | None = None) -> str:
     if summary is not None:
         out.append("")
         out.append(_summary_line("all", summary))
-        for status, sub in summary.get("per_status", {}).items():
-            if len(summary.get("per_status", {})) > 1:
-                out.append(_summary_line(status or "(no status)", sub))
+        per_status = summary.get("per_status", {})
+        if len(per_status) > 1:
+            out += [_summary_line(status or "(no status)", sub) for status, sub in per_status.items()]
     return "\n".join(out)
 
 

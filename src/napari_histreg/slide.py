@@ -37,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -191,6 +192,14 @@ def _downsample_from_shapes(level0_shape, shape) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- lazy 2x means
+def _to_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    """Float ``values`` as ``dtype``: rounded and clipped to its range when it is an integer type."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(dtype)
+
+
 def halve(array):
     """Lazy 2x2 mean of a dask array ``(H, W[, C])`` (odd last row / column dropped), same dtype."""
     import dask.array as da
@@ -208,11 +217,7 @@ def halve(array):
     def block_mean(block):
         bh, bw = block.shape[0] // 2, block.shape[1] // 2
         shaped = block[: bh * 2, : bw * 2].reshape((bh, 2, bw, 2) + block.shape[2:])
-        mean = shaped.astype(np.float32).mean(axis=(1, 3))
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            mean = np.clip(np.rint(mean), info.min, info.max)
-        return mean.astype(dtype)
+        return _to_dtype(shaped.astype(np.float32).mean(axis=(1, 3)), dtype)
 
     out_chunks = tuple(tuple(c // 2 for c in array.chunks[a]) for a in (0, 1)) + tuple(array.chunks[2:])
     return da.map_blocks(block_mean, array, chunks=out_chunks, dtype=dtype)
@@ -440,7 +445,9 @@ def _open_zarr(path: Path, name: str, store_wrapper) -> Slide:
 
 
 # --------------------------------------------------------------------------- parallel blocks
-def _load_malloc_trim():
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up on first use (``find_library`` may run ``ldconfig``)."""
     import ctypes
     import ctypes.util
     import sys
@@ -452,16 +459,14 @@ def _load_malloc_trim():
     return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 def release_memory() -> None:
     """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
 
     Each thread's malloc arena otherwise keeps the freed pages of the tile-sized temporaries,
     so the resident memory would grow with the number of worker threads."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def run_blocks(items: Iterable, fn: Callable, workers: int = 1, on_done: Callable | None = None) -> None:
@@ -601,10 +606,7 @@ def _mean2(block: np.ndarray, dtype) -> np.ndarray:
     c, h, w = block.shape
     h2, w2 = h // 2, w // 2
     mean = block[:, : 2 * h2, : 2 * w2].reshape(c, h2, 2, w2, 2).astype(np.float32).mean(axis=(2, 4))
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        mean = np.clip(np.rint(mean), info.min, info.max)
-    return mean.astype(dtype)
+    return _to_dtype(mean, dtype)
 
 
 class OmeZarrWriter:
@@ -867,11 +869,7 @@ def _resample_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     chw = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
     tensor = torch.as_tensor(np.ascontiguousarray(chw), dtype=torch.float32)[None]
-    out = resample(tensor, shape)[0].numpy()
-    if np.issubdtype(image.dtype, np.integer):
-        info = np.iinfo(image.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    out = out.astype(image.dtype)
+    out = _to_dtype(resample(tensor, shape)[0].numpy(), image.dtype)
     return out[0] if image.ndim == 2 else np.moveaxis(out, 0, -1)
 
 

@@ -44,6 +44,7 @@ from .slide import (
     OmeZarrWriter,
     PartialOutput,
     Slide,
+    _block_key,
     open_slide,
     run_blocks,
     transform_digest,
@@ -229,10 +230,10 @@ def warp_slide(
     source_frame, target_frame = target_frames(result, source_shape)
     target_shape = tuple(int(n) for n in target_frame.original_shape)
     channels, dtype = slide.channels, np.dtype(slide.dtype)
-    if tiff is not None and Path(tiff).resolve() == Path(output).resolve():
-        raise HistRegInputError(f"{tiff}: the OME-TIFF and the OME-Zarr outputs must differ")
     if tiff is not None:
         tiff = Path(tiff)
+        if tiff.resolve() == output.resolve():
+            raise HistRegInputError(f"{tiff}: the OME-TIFF and the OME-Zarr outputs must differ")
         if tiff.exists() and not (overwrite or resume):
             raise HistRegInputError(f"{tiff}: output exists; pass overwrite (--overwrite) to replace it")
     for out_path in (output, tiff):
@@ -279,7 +280,7 @@ def _warp_into(partial, result, slide, level, source_frame, target_frame, target
         return slide.read_region(level, rows, cols)
 
     blocks = writer.blocks(0, tile)
-    todo = [b for b in blocks if not partial.is_done(f"L0 {b[0].start} {b[1].start}")]
+    todo = [b for b in blocks if not partial.is_done(_block_key(0, b))]
     count = len(blocks) - len(todo)
     report(progress, "warp", count, len(blocks), f"{len(blocks)} tiles of {tile} px")
 
@@ -294,7 +295,7 @@ def _warp_into(partial, result, slide, level, source_frame, target_frame, target
 
     def finished(block, _):
         nonlocal count
-        partial.mark(f"L0 {block[0].start} {block[1].start}")
+        partial.mark(_block_key(0, block))
         count += 1
         report(progress, "warp", count, len(blocks))
 

@@ -255,6 +255,23 @@ def landmark_ids(layer_or_features, n: int | None = None) -> list[str]:
     return [str(i) for i in range(n)]
 
 
+def fill_ids(ids) -> list[str]:
+    """``ids`` as strings with empty and repeated ones replaced by fresh integers (one more than
+    the largest integer id, counting up), so that every landmark has its own id."""
+    ids = [str(i) for i in ids]
+    numbers = [int(i) for i in ids if i.lstrip("-").isdigit()]
+    fresh = (max(numbers) + 1) if numbers else 0
+    seen: set[str] = set()
+    out = []
+    for value in ids:
+        if value == "" or value in seen:
+            value = str(fresh)
+            fresh += 1
+        seen.add(value)
+        out.append(value)
+    return out
+
+
 def _id_str(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -354,10 +371,10 @@ def result_to_layers(
 
     if source is not None:
         if src_ref is not None and src_ref.kind == "image":
-            array, level_ratio = image_array(src_ref)
+            array, _ = image_array(src_ref)
             rgb = src_ref.rgb
         else:
-            array, level_ratio = np.asarray(source), 1.0
+            array = np.asarray(source)
             rgb = array.ndim == 3 and array.shape[-1] in (3, 4)
         warped = result.warp(array, cval=background_value(array))
         ratio = warped.shape[0] / result.target_shape[0]

@@ -16,6 +16,7 @@ import numpy as np
 from psygnal import Signal
 
 from ..result import RegistrationResult
+from .layers import unwrap
 
 _SESSIONS: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictionary()
 
@@ -76,7 +77,7 @@ class Session:
 
 def get_session(viewer) -> Session:
     """The :class:`Session` of ``viewer`` (created on first use, dropped with the viewer)."""
-    viewer = getattr(viewer, "__wrapped__", viewer)  # plugin widgets get a proxy of the viewer
+    viewer = unwrap(viewer)  # plugin widgets get a proxy of the viewer
     session = _SESSIONS.get(viewer)
     if session is None:
         session = _SESSIONS[viewer] = Session()

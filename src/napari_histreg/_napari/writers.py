@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import write_landmarks, write_mha
-from .layers import landmark_ids
+from .layers import fill_ids, landmark_ids
 
 
 def _ids_for(data, meta) -> list[str]:
@@ -16,18 +16,7 @@ def _ids_for(data, meta) -> list[str]:
     ids = landmark_ids(features, n) if features is not None else []
     if len(ids) != n:  # no id column, or features that do not belong to these points
         ids = [str(i) for i in range(n)]
-    # fill missing and repeated ids with fresh integers so the file stays valid ANHIR
-    numbers = [int(i) for i in ids if i.lstrip("-").isdigit()]
-    fresh = (max(numbers) + 1) if numbers else 0
-    seen: set[str] = set()
-    out = []
-    for value in ids:
-        if value == "" or value in seen:
-            value = str(fresh)
-            fresh += 1
-        seen.add(value)
-        out.append(value)
-    return out
+    return fill_ids(ids)  # missing and repeated ids: fresh integers, so the file stays valid ANHIR
 
 
 def write_landmarks_csv(path: str, data, meta: dict) -> list[str]:

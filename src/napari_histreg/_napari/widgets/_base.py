@@ -81,6 +81,14 @@ def pick_preferred(combo: ComboBox, word: str, nullable: bool = False) -> None:
         combo.value = None
 
 
+def check_pair(source, target) -> None:
+    """Raise a ``ValueError`` for a missing source or target layer, or the same layer twice."""
+    if source is None or target is None:
+        raise ValueError("choose a source and a target image layer")
+    if source is target:
+        raise ValueError("source and target are the same layer")
+
+
 class RunWidget(Container):
     """A widget whose action runs in a background worker.
 
@@ -112,9 +120,8 @@ class RunWidget(Container):
             on_cancelled=self._on_cancelled,
             on_finished=self._on_finished,
         )
-        runner = self.runner
         # a widget closed mid-run (or its viewer) stops the run at the next step
-        on_destroyed(self, runner.cancel)
+        on_destroyed(self, self.runner.cancel)
         self._run_button.changed.connect(self.run)
         self._cancel_button.changed.connect(self.cancel)
         self._active_stages: tuple[str, ...] | None = self.stages

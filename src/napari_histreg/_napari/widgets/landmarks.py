@@ -5,14 +5,18 @@ points are added, moved or deleted."""
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import Container, FileEdit, Label, PushButton, Table
 
 from ...metrics import rtre
-from ..layers import landmark_ids, points_in_pixels, unwrap
+from ..layers import fill_ids, landmark_ids, points_in_pixels, unwrap
 from ..writers import write_landmarks_csv
 from ._base import layer_picker, on_destroyed
+
+if TYPE_CHECKING:
+    import napari
 
 COLUMNS = ["id", "error (px)", "rTRE"]
 
@@ -22,26 +26,13 @@ def _table(rows: list) -> dict:
     return {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
 
 
-def next_id(ids) -> str:
-    """One more than the largest integer id (ids that are not integers are ignored)."""
-    numbers = [int(i) for i in ids if str(i).lstrip("-").isdigit()]
-    return str(max(numbers) + 1 if numbers else 0)
-
-
 def fill_missing_ids(layer) -> bool:
     """Give points without an id, or with a repeated one (napari copies the last values for a
     new point), the next free integer id. Returns whether anything changed."""
     n = len(layer.data)
     ids = landmark_ids(layer.features, n) if "id" in layer.features.columns else [""] * n
-    seen: set[str] = set()
-    changed = False
-    fixed = []
-    for value in ids:
-        if value == "" or value in seen:
-            value = next_id(list(seen) + ids)
-            changed = True
-        seen.add(value)
-        fixed.append(value)
+    fixed = fill_ids(ids)
+    changed = fixed != ids
     if changed:
         features = layer.features.copy()
         features["id"] = np.asarray(fixed, dtype=object)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 
 from ...pipeline import RegistrationConfig, register
 from ...progress import report
 from ..layers import add_layers, image_ref, result_to_layers, snapshot
-from ._base import DEVICES, RunWidget, layer_picker
+from ._base import DEVICES, RunWidget, check_pair, layer_picker
+
+if TYPE_CHECKING:
+    import napari
 
 
 def scaled(iterations, factor: float) -> tuple[int, ...]:
@@ -111,10 +115,7 @@ class RegisterWidget(RunWidget):
 
     def prepare(self):
         source, target = self.source.value, self.target.value
-        if source is None or target is None:
-            raise ValueError("choose a source and a target image layer")
-        if source is target:
-            raise ValueError("source and target are the same layer")
+        check_pair(source, target)
         config = self.config()
         device = resolve_device(self.device.value)
         seed = int(self.seed.value)

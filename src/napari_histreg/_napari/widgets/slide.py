@@ -13,11 +13,16 @@ a lazy multiscale layer.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, FileEdit, SpinBox
 
 from ...slide import TIFF_SUFFIXES, open_slide, partial_path
+from ..readers import _paths
 from ._base import RunWidget
+
+if TYPE_CHECKING:
+    import napari
 
 __all__ = ["SlideWarpWidget", "get_slide_reader", "read_slide", "slide_layer_data"]
 
@@ -59,7 +64,7 @@ def _is_slide(path: Path) -> bool:
 
 def get_slide_reader(path):
     """npe2 reader hook: :func:`read_slide` for OME-Zarr folders and pyramidal TIFFs, else None."""
-    paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
+    paths = _paths(path)
     if paths and all(_is_slide(p) for p in paths):
         return read_slide
     return None

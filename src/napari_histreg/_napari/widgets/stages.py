@@ -10,6 +10,7 @@ on its own.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
@@ -24,8 +25,11 @@ from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_n
 from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
 from ..layers import add_layers, image_ref, result_to_layers, snapshot, working_placement
 from ..session import PairKey
-from ._base import DEVICES, RunWidget, layer_picker
+from ._base import DEVICES, RunWidget, check_pair, layer_picker
 from .register import resolve_device, scaled
+
+if TYPE_CHECKING:
+    import napari
 
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -42,6 +46,13 @@ def _prepare_pair(source, target, config: PreprocessConfig, mask: bool, device, 
     return pair
 
 
+def _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress):
+    """(source level, target level, pair): the registered levels of the layers and the session's
+    pair, or one made from those levels."""
+    src_level, tgt_level = image_ref(src), image_ref(tgt)
+    return src_level, tgt_level, pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+
+
 class _StageWidget(RunWidget):
     """Source/target pickers and device; the pair comes from the session or is made here."""
 
@@ -53,10 +64,7 @@ class _StageWidget(RunWidget):
 
     def _inputs(self):
         source, target = self.source.value, self.target.value
-        if source is None or target is None:
-            raise ValueError("choose a source and a target image layer")
-        if source is target:
-            raise ValueError("source and target are the same layer")
+        check_pair(source, target)
         return source, target, resolve_device(self.device.value)
 
     def _pair_plan(self, source, target):
@@ -67,8 +75,15 @@ class _StageWidget(RunWidget):
             return self.session.pair, key, self.session.preprocess_config, self.session.masked
         return None, key, self.session.preprocess_config or PreprocessConfig(), False
 
-    def _result_layers(self, result, src, tgt, **kwargs):
-        return result_to_layers(result, src, target_layer=tgt, **kwargs)
+    def _store(self, key, pair, pconfig, mask, result, layers, names, matrix=None, stage=None) -> None:
+        """Keep a stage's outputs: the pair (when it was made here), the matrix (when given), the
+        result (``names``: source and target layer names), and add its layers."""
+        if self.session.pair is not pair:
+            self.session.set_pair(key, pair, pconfig, mask)
+        if matrix is not None:
+            self.session.set_matrix(matrix, stage)
+        self.session.set_result(result, *names)
+        add_layers(self.viewer, layers)
 
 
 class PreprocessWidget(_StageWidget):
@@ -138,8 +153,7 @@ class InitialAlignmentWidget(_StageWidget):
         src, tgt = snapshot(source), snapshot(target)
 
         def job(progress):
-            src_level, tgt_level = image_ref(src), image_ref(tgt)
-            p = pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+            src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             found = initial_alignment(p.source, p.target, config, device, progress)
             result = _affine_result(p, found.matrix, "initial")
             result.info.update(angle=found.angle, score=found.score)
@@ -151,11 +165,7 @@ class InitialAlignmentWidget(_StageWidget):
 
     def apply(self, payload) -> str:
         key, pair, pconfig, mask, found, result, layers, sname, tname = payload
-        if self.session.pair is not pair:
-            self.session.set_pair(key, pair, pconfig, mask)
-        self.session.set_matrix(found.matrix, "initial")
-        self.session.set_result(result, sname, tname)
-        add_layers(self.viewer, layers)
+        self._store(key, pair, pconfig, mask, result, layers, (sname, tname), found.matrix, "initial")
         return f"rotation {found.angle:.2f}°, NCC {found.score:.3f}"
 
 
@@ -185,8 +195,7 @@ class AffineWidget(_StageWidget):
         src, tgt = snapshot(source), snapshot(target)
 
         def job(progress):
-            src_level, tgt_level = image_ref(src), image_ref(tgt)
-            p = pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+            src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             matrix = optimise_affine(p.source, p.target, start, config, device, progress)
             result = _affine_result(p, matrix, "affine")
             report(progress, "layers", 0, 1, "warping the source")
@@ -197,11 +206,7 @@ class AffineWidget(_StageWidget):
 
     def apply(self, payload) -> str:
         key, pair, pconfig, mask, matrix, result, layers, sname, tname, started_from = payload
-        if self.session.pair is not pair:
-            self.session.set_pair(key, pair, pconfig, mask)
-        self.session.set_matrix(matrix, "affine")
-        self.session.set_result(result, sname, tname)
-        add_layers(self.viewer, layers)
+        self._store(key, pair, pconfig, mask, result, layers, (sname, tname), matrix, "affine")
         return f"affine done (started from {started_from})"
 
 
@@ -239,8 +244,7 @@ class NonrigidWidget(_StageWidget):
         flags = dict(vectors=self.show_vectors.value, magnitude=self.show_magnitude.value, jacobian=self.show_jacobian.value)
 
         def job(progress):
-            src_level, tgt_level = image_ref(src), image_ref(tgt)
-            p = pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+            src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             start = affine_to_field(matrix, p.target.shape)[0].numpy()
             if method == "dense":
                 field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
@@ -258,10 +262,7 @@ class NonrigidWidget(_StageWidget):
 
     def apply(self, payload) -> str:
         key, pair, pconfig, mask, result, layers, sname, tname, started_from = payload
-        if self.session.pair is not pair:
-            self.session.set_pair(key, pair, pconfig, mask)
-        self.session.set_result(result, sname, tname)
-        add_layers(self.viewer, layers)
+        self._store(key, pair, pconfig, mask, result, layers, (sname, tname))
         return f"non-rigid done (started from {started_from})"
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import Container, FileEdit, Label, PushButton
 
 from ...result import RegistrationResult
 from ..layers import add_layers, snapshot, transform_layer
 from ._base import RunWidget, layer_picker, on_destroyed
+
+if TYPE_CHECKING:
+    import napari
 
 
 def describe(result: RegistrationResult | None, source: str | None = None, target: str | None = None) -> str:
