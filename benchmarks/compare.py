@@ -23,8 +23,8 @@ nothing). Where ``torch.cuda.is_available()``, this project's modes also run on 
 (rows ``NAME@cuda``); a GPU is never required. elastix is optional
 (``pip install -e .[bench]``): without it the peer rows are left out, with a warning.
 
-Adding a method is adding one entry to :data:`METHODS`; a future ``register(..., mode=...)``
-is ``Method("histreg-learned", "histreg", "...", register_kwargs={"mode": "learned"})``.
+Adding a method is adding one entry to :data:`METHODS` (the learned and hybrid modes are
+``config={"mode": ...}`` entries).
 """
 
 from __future__ import annotations
@@ -88,8 +88,12 @@ METHODS: list[Method] = [
            config={"nonrigid_method": "patches"}),
     Method("histreg-affine", "histreg", "initial rotation search + affine only (no non-rigid stage)",
            config={"nonrigid_method": "none"}),
-    # When register() gains a ``mode`` argument, each mode is one more entry, e.g.
-    # Method("histreg-learned", "histreg", "learned affine + patch networks", register_kwargs={"mode": "learned"}),
+    Method("histreg-learned", "histreg", "initial rotation search + affine network + patch-group non-rigid network",
+           config={"mode": "learned"}),
+    Method("histreg-hybrid", "histreg", "networks, then a short affine and dense instance optimisation",
+           config={"mode": "hybrid"}),
+    Method("histreg-learned-affine", "histreg", "initial rotation search + affine network only (no non-rigid stage)",
+           config={"mode": "learned", "nonrigid_method": "none"}),
     Method(REFERENCE, "elastix", "elastix default parameter maps: affine, then B-spline (no initial transform)"),
     Method("elastix-cog", "elastix", "elastix default maps, affine started from the centres of gravity "
            "(AutomaticTransformInitialization CenterOfGravity; the one setting added)",

@@ -15,6 +15,7 @@ from napari_conftest import (  # noqa: F401  (fixtures)
     world_extent,
 )
 
+from napari_histreg.conventions import affine_to_field
 from napari_histreg.metrics import rtre
 
 pytestmark = pytest.mark.gui
@@ -184,6 +185,52 @@ def test_stage_widgets_continue_from_each_other(sample_viewer, qtbot):
     np.testing.assert_allclose(result.matrix, session.matrix)
     assert result.working_field.shape == (2,) + pair.target.shape
     assert f"{source_name} deformation" in viewer.layers
+
+
+def test_networks_in_the_widgets(sample_viewer, qtbot):
+    """The learned mode of the Register widget and the network choices of the stage widgets
+    (U-Net mask, affine network, patch-group network) run on the sample and register it."""
+    from napari_histreg._napari.widgets import AffineWidget, NonrigidWidget, PreprocessWidget, RegisterWidget
+
+    viewer = sample_viewer
+    target_name, source_name, target_pts_name, source_pts_name = sample_names()
+    target_pts, source_pts = viewer.layers[target_pts_name], viewer.layers[source_pts_name]
+    shape = viewer.layers[target_name].data.shape
+
+    def median_error() -> float:
+        mapped = viewer.layers[f"{source_pts_name} registered"].data
+        return float(np.median(rtre(mapped, target_pts.data, shape)))
+
+    before = float(np.median(rtre(source_pts.data, target_pts.data, shape)))
+    reg = RegisterWidget(viewer)
+    reg.mode.value = "learned"
+    reg.source_points.value = source_pts
+    assert run_widget(qtbot, reg) == "done", reg.status
+    assert reg.session.result.info["mode"] == "learned"
+    assert median_error() < 0.3 * before
+
+    pre = PreprocessWidget(viewer)
+    pre.mask.value = "tissue U-Net"
+    assert run_widget(qtbot, pre) == "done", pre.status
+    pair = pre.session.pair
+    assert pre.session.masked == "unet"
+    # the padding around the working sections stays background and the tissue is kept
+    assert pair.target[0].max() == 0 and pair.target[:, 0].max() == 0
+    assert (pair.target > 0.1).mean() > 0.2
+
+    aff = AffineWidget(viewer)
+    aff.method.value = "network"
+    aff.start.value = "identity"
+    assert run_widget(qtbot, aff) == "done", aff.status
+    assert not np.allclose(aff.session.matrix, np.eye(2, 3), atol=1e-3)
+
+    nonrigid = NonrigidWidget(viewer)
+    nonrigid.method.value = "network"
+    assert run_widget(qtbot, nonrigid) == "done", nonrigid.status
+    result = nonrigid.session.result
+    assert result.info["method"] == "network"
+    affine_part = affine_to_field(result.matrix, result.working_field.shape[1:])[0].numpy()
+    assert float(np.abs(result.working_field - affine_part).max()) > 0.2  # the network moved something
 
 
 def test_landmark_qc_is_live(viewer, qtbot, tmp_path):

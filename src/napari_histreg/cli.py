@@ -36,6 +36,8 @@ commands:
              OME-Zarr pyramid (and optionally a pyramidal OME-TIFF)
   register-batch
              register every pair of a CSV (images or whole slides) on a dask cluster
+  train      train one of the networks (segmentation, affine, nonrigid) from images,
+             without landmarks
 
 Run `histreg COMMAND --help` for the options of a command.
 """
@@ -64,6 +66,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                        help="where to compute: auto picks cuda, then mps, then cpu (default: auto)")
     group.add_argument("--seed", type=int, default=0, help="random seed, for reproducible results (default: 0)")
+    group.add_argument("--mode", default=None, choices=("optimise", "learned", "hybrid"),
+                       help="optimise: instance optimisation only; learned: the shipped networks only (fastest); "
+                            "hybrid: networks, then a short optimisation (default: the configuration's default)")
+    group.add_argument("--mask", default=None, choices=("none", "otsu", "unet"),
+                       help="set the background outside a tissue mask to 0 before aligning: none, Otsu threshold, "
+                            "or the tissue U-Net (default: the configuration's default, none)")
     group.add_argument("--method", default=None, choices=("dense", "patches", "none"),
                        help="non-rigid stage: dense instance optimisation, the patch-group engine, or none "
                             "(initial + affine only) (default: the configuration's default, dense)")
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_demo)
     _add_slide_commands(sub)  # whole-slide / dask additions (see the end of this module)
+    _add_train_command(sub)  # `histreg train` (see the end of this module)
     return parser
 
 
@@ -258,6 +267,12 @@ def _config(args):
         apply_overrides(config, overrides, str(path))
     if getattr(args, "method", None):
         config.nonrigid_method = args.method
+    if getattr(args, "mode", None):
+        config.mode = args.mode
+    if getattr(args, "mask", None):
+        config.use_mask = args.mask != "none"
+        if args.mask != "none":
+            config.mask_method = args.mask
     if getattr(args, "working_size", None):
         config.preprocess.working_size = args.working_size
     return config
@@ -691,6 +706,78 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"histreg: error: {_error_message(err)}", file=sys.stderr)
             return EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- training
+TRAIN_KINDS = ("segmentation", "affine", "nonrigid")
+
+
+def _add_train_command(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a network from images (no landmarks)",
+        description="Train one network of the learned pipeline and write its weights file (a small torch file that "
+        "rebuilds the network; pass it with --config or copy it over the shipped one). Training reads only images: "
+        "every image under DIR (or named by a cover table's 'Source image'/'Target image' columns; landmark columns "
+        "are never read), grouped by folder (images in one folder are sections of one tissue block and are paired "
+        "across stains), plus scikit-image's immunohistochemistry image split into two stains, and synthetic pairs "
+        "(random affine + smooth elastic warps, stain and intensity jitter). Seeded; every few steps a resumable "
+        "state WEIGHTS.state is saved, which --resume continues.",
+        epilog="example: histreg train nonrigid --data ../shared/data -o nonrigid.pt",
+    )
+    p.add_argument("kind", choices=TRAIN_KINDS, help="which network")
+    p.add_argument("--data", default=None, metavar="DIR_OR_CSV",
+                   help="folder of images or ANHIR cover table (default: scikit-image's images only)")
+    p.add_argument("-o", "--output", required=True, metavar="WEIGHTS", help="weights file to write (.pt)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="optimiser steps (default: per network)")
+    p.add_argument("--lr", type=float, default=None, metavar="X", help="Adam learning rate at the start (default: per network)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue from WEIGHTS.state if it exists")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
+    p.add_argument("--no-skimage", action="store_true", help="do not add scikit-image's images to the data")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+    import importlib
+    import inspect
+    import time
+
+    from .io import HistRegInputError
+
+    out = Path(args.output)
+    if out.exists() and out.is_dir():
+        raise HistRegInputError(f"{out}: is a folder; give the weights file to write")
+    if args.data is not None and not Path(args.data).exists():
+        raise HistRegInputError(f"{args.data}: training data not found")
+    if args.lr is not None and not args.lr > 0:
+        raise HistRegInputError(f"--lr must be positive, not {args.lr}")
+    if args.data is not None:
+        from .evaluate import check_not_inputs
+
+        check_not_inputs([out], [args.data])
+    module = importlib.import_module(f".training.{args.kind}", __package__)
+    trainer = getattr(module, f"train_{args.kind}")
+    options = dataclasses.replace(module.DEFAULT_OPTIONS, seed=args.seed, resume=args.resume, progress=not args.quiet)
+    if args.steps is not None:
+        options.steps = args.steps
+    if args.lr is not None:
+        options.learning_rate = args.lr
+    kwargs = {}
+    if "include_skimage" in inspect.signature(trainer).parameters:
+        kwargs["include_skimage"] = not args.no_skimage
+    elif args.no_skimage:
+        raise HistRegInputError(f"--no-skimage is not supported by the {args.kind} trainer")
+    if args.data is None and args.no_skimage:
+        raise HistRegInputError("no training data: give --data or drop --no-skimage")
+    started = time.perf_counter()
+    report = trainer(args.data, out, options, _device(args), **kwargs)
+    _say(f"trained {args.kind} network: {report.steps} steps in {time.perf_counter() - started:.0f} s, "
+         f"final loss {report.final_loss:.4f}; weights in {out}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,15 @@ signature to change the method (the notebook in ``examples/`` does this)::
     nonrigid(source, target, field, progress) -> (2, H, W) backward field
 
 ``register`` is the one-call entry point.
+
+Modes (``RegistrationConfig.mode``) choose what fills the affine and non-rigid slots:
+
+* ``optimise``: instance optimisation only (affine: Adam on 6 parameters; non-rigid: the dense
+  field or the patch engine with per-patch optimisation);
+* ``learned``: the networks only (affine network, patch-group network): the fast path;
+* ``hybrid``: the networks first, then a short instance optimisation from where they stop.
+
+The tissue mask is chosen apart from the mode (``use_mask`` + ``mask_method``).
 """
 
 from __future__ import annotations
@@ -27,21 +36,39 @@ from .conventions import affine_to_field, default_device, seed_everything
 from .io import HistRegInputError, check_image, read_image
 from .progress import ProgressCallback, report
 from .result import RegistrationResult
-from .stages.affine import AffineConfig, optimise_affine
+from .stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
 from .stages.initial import InitialAlignmentConfig, initial_alignment
+from .stages.learned_nonrigid import LearnedNonrigidConfig, learned_nonrigid
 from .stages.mask import OtsuMaskConfig, otsu_tissue_mask
 from .stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from .stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
+from .stages.segment import UNetMaskConfig, unet_tissue_mask
 
 STAGES = ("preprocess", "mask", "initial", "affine", "nonrigid")
+MODES = ("optimise", "learned", "hybrid")
+MASK_METHODS = ("otsu", "unet")
+
+
+def _hybrid_affine_config():
+    return AffineConfig(levels=(256, 384), iterations=(20, 15))
+
+
+def _hybrid_dense_config():
+    return DenseConfig(iterations=(30, 25, 15))
 
 
 @dataclasses.dataclass
 class RegistrationConfig:
-    """Every parameter of the default pipeline. ``nonrigid_method``: ``"dense"`` (instance
-    optimisation of a dense field), ``"patches"`` (patch-group engine) or ``"none"``.
-    ``use_mask`` sets the background outside the tissue mask to 0; ``initial`` / ``affine``
-    switch those stages off when False."""
+    """Every parameter of the pipeline.
+
+    ``mode``: ``"optimise"``, ``"learned"`` or ``"hybrid"`` (see the module docstring).
+    ``nonrigid_method``: ``"none"`` skips the non-rigid stage in every mode; otherwise, for
+    the optimisation (``optimise`` mode, and the refinement of ``hybrid``), ``"dense"``
+    optimises a dense field and ``"patches"`` runs the patch-group engine with per-patch
+    optimisation. ``use_mask`` sets the background outside the tissue mask to 0, the mask
+    coming from ``mask_method`` (``"otsu"`` or the ``"unet"`` network); ``use_initial`` /
+    ``use_affine`` switch those stages off when False. ``hybrid_affine`` / ``hybrid_dense``
+    are the short optimisations that follow the networks in ``hybrid`` mode."""
 
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     mask: OtsuMaskConfig = dataclasses.field(default_factory=OtsuMaskConfig)
@@ -49,7 +76,14 @@ class RegistrationConfig:
     affine: AffineConfig = dataclasses.field(default_factory=AffineConfig)
     dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
     patches: PatchConfig = dataclasses.field(default_factory=PatchConfig)
+    segmentation: UNetMaskConfig = dataclasses.field(default_factory=UNetMaskConfig)
+    learned_affine: LearnedAffineConfig = dataclasses.field(default_factory=LearnedAffineConfig)
+    learned_nonrigid: LearnedNonrigidConfig = dataclasses.field(default_factory=LearnedNonrigidConfig)
+    hybrid_affine: AffineConfig = dataclasses.field(default_factory=_hybrid_affine_config)
+    hybrid_dense: DenseConfig = dataclasses.field(default_factory=_hybrid_dense_config)
+    mode: str = "optimise"
     use_mask: bool = False
+    mask_method: str = "otsu"
     use_initial: bool = True
     use_affine: bool = True
     nonrigid_method: str = "dense"
@@ -63,35 +97,69 @@ class Pipeline:
 
     def __init__(self, config: RegistrationConfig | None = None, device=None, seed: int | None = 0):
         self.config = config or RegistrationConfig()
-        if self.config.nonrigid_method not in ("dense", "patches", "none"):
-            raise ValueError(f"nonrigid_method must be 'dense', 'patches' or 'none', not {self.config.nonrigid_method!r}")
+        c = self.config
+        if c.nonrigid_method not in ("dense", "patches", "none"):
+            raise ValueError(f"nonrigid_method must be 'dense', 'patches' or 'none', not {c.nonrigid_method!r}")
+        if c.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {c.mode!r}")
+        if c.mask_method not in MASK_METHODS:
+            raise ValueError(f"mask_method must be one of {', '.join(map(repr, MASK_METHODS))}, not {c.mask_method!r}")
         self.device = default_device(device)
         self.seed = seed
-        c = self.config
         self.preprocess: Callable[..., PreparedPair] = lambda s, t: preprocess_pair(s, t, c.preprocess, self.device)
-        self.mask = (lambda image: otsu_tissue_mask(image, c.mask)) if c.use_mask else None
+        self.mask = self._mask_stage() if c.use_mask else None
         self.initial = (
             (lambda s, t, progress=None: initial_alignment(s, t, c.initial, self.device, progress).matrix)
             if c.use_initial
             else None
         )
-        self.affine = (
-            (lambda s, t, m, progress=None: optimise_affine(s, t, m, c.affine, self.device, progress))
-            if c.use_affine
-            else None
-        )
-        if c.nonrigid_method == "dense":
-            self.nonrigid = lambda s, t, f, progress=None: dense_nonrigid(s, t, f, c.dense, self.device, progress)
-        elif c.nonrigid_method == "patches":
-            self.nonrigid = lambda s, t, f, progress=None: patch_nonrigid(s, t, f, None, c.patches, self.device, progress)
-        else:
-            self.nonrigid = None
+        self.affine = self._affine_stage() if c.use_affine else None
+        self.nonrigid = self._nonrigid_stage() if c.nonrigid_method != "none" else None
+
+    def _mask_stage(self):
+        c = self.config
+        if c.mask_method == "unet":
+            return lambda image: unet_tissue_mask(image, c.segmentation, self.device)
+        return lambda image: otsu_tissue_mask(image, c.mask)
+
+    def _affine_stage(self):
+        c, device = self.config, self.device
+        optimised = lambda s, t, m, progress=None, cfg=c.affine: optimise_affine(s, t, m, cfg, device, progress)  # noqa: E731
+        if c.mode == "optimise":
+            return optimised
+
+        def networked(s, t, m, progress=None):
+            matrix = learned_affine(s, t, m, c.learned_affine, device, progress)
+            if c.mode == "hybrid":
+                matrix = optimise_affine(s, t, matrix, c.hybrid_affine, device, progress)
+            return matrix
+
+        return networked
+
+    def _nonrigid_stage(self):
+        c, device = self.config, self.device
+
+        def optimised(s, t, f, progress=None, dense=c.dense):
+            if c.nonrigid_method == "patches":
+                return patch_nonrigid(s, t, f, None, c.patches, device, progress)
+            return dense_nonrigid(s, t, f, dense, device, progress)
+
+        if c.mode == "optimise":
+            return optimised
+
+        def networked(s, t, f, progress=None):
+            field = learned_nonrigid(s, t, f, c.learned_nonrigid, device, progress)
+            if c.mode == "hybrid":
+                field = optimised(s, t, field, progress, dense=c.hybrid_dense)
+            return field
+
+        return networked
 
     def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> RegistrationResult:
         """Register ``source`` onto ``target`` (arrays already validated)."""
         seed_everything(self.seed)
         timings: dict[str, float] = {}
-        info: dict = {"device": str(self.device), "config": self.config.to_dict(), "seed": self.seed}
+        info: dict = {"device": str(self.device), "mode": self.config.mode, "config": self.config.to_dict(), "seed": self.seed}
 
         def timed(name, fn, *args):
             report(progress, name, 0, 1, "start")
@@ -178,17 +246,24 @@ def register(
     seed: int | None = 0,
     progress: ProgressCallback = None,
     pipeline: Pipeline | None = None,
+    mode: str | None = None,
 ) -> RegistrationResult:
     """Register ``source`` onto ``target`` and return a :class:`RegistrationResult`.
 
     ``source`` / ``target``: numpy arrays (grey or RGB/RGBA, any dtype), dask arrays, or paths.
     ``progress``: called with :class:`~napari_histreg.progress.ProgressEvent`; raise
     :class:`~napari_histreg.progress.RegistrationCancelled` from it to stop.
+    ``mode``: ``"optimise"``, ``"learned"`` or ``"hybrid"`` (overrides ``config.mode``; see
+    :class:`RegistrationConfig`).
     """
     source_name = str(source) if isinstance(source, (str, Path)) else "source"
     target_name = str(target) if isinstance(target, (str, Path)) else "target"
     source_image = _as_image(source, source_name)
     target_image = _as_image(target, target_name)
     check_pair_shapes(source_image.shape, target_image.shape, source_name, target_name)
+    if mode is not None:
+        if pipeline is not None:
+            raise ValueError("give either mode or pipeline, not both (a pipeline's mode is its config's)")
+        config = dataclasses.replace(config or RegistrationConfig(), mode=mode)
     pipeline = pipeline or Pipeline(config, device=device, seed=seed)
     return pipeline.run(source_image, target_image, progress)

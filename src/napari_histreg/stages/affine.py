@@ -1,7 +1,8 @@
-"""Affine stage: instance optimisation of the six affine parameters with -NCC on a pyramid.
-
-The learned affine network plugs into the same slot: any callable
-``(source, target, matrix, progress) -> matrix``.
+"""Affine stage: instance optimisation of the six affine parameters with -NCC on a pyramid
+(:func:`optimise_affine`), or the learned affine network applied recurrently
+(:func:`learned_affine`). Both fit the same slot: any callable
+``(source, target, matrix, progress) -> matrix``; the hybrid mode is :func:`learned_affine`
+followed by a short :func:`optimise_affine`.
 """
 
 from __future__ import annotations
@@ -66,3 +67,98 @@ def optimise_affine(
             if done % 10 == 0 or done == total:
                 report(progress, "affine", done, total, f"level {shape[0]}x{shape[1]}")
     return affine_normalised_to_pixels(params.detach()[0].cpu().numpy(), (h, w))
+
+
+# --------------------------------------------------------------------------- learned affine
+@dataclasses.dataclass
+class LearnedAffineConfig:
+    """``weights``: a weights file, or ``"affine"`` for the shipped network. ``passes``: how
+    many times the network is applied, each time to the source re-warped by the estimate so
+    far, its residual composed onto it. ``symmetric``: each pass averages the forward
+    estimate with the inverse of the backward one (cancels the matcher's bias; about 1.6x
+    the time of a plain pass).
+
+    Measured (1 thread, 768 working grid, shipped weights; known affines on 16 real working
+    sections, median error over the tissue): plain 1 / 2 / 3 passes 2.5 / 1.9 / 1.7 px,
+    symmetric 1 / 2 / 3 passes 1.9 / 1.3 / 1.0 px, at about 0.045 / 0.07 / 0.1 s (plain) and
+    0.06 / 0.11 / 0.16 s (symmetric) on a busy CPU. The default (one symmetric pass) is the
+    fastest that returns the identity for identical images; ``passes=2`` buys accuracy."""
+
+    weights: str = "affine"
+    passes: int = 1
+    symmetric: bool = True
+
+
+_NETWORKS: dict = {}
+
+
+def load_affine_network(weights: str = "affine", device=None):
+    """The :class:`~napari_histreg.networks.affine.AffineNet` of ``weights`` on ``device``
+    (eval mode), loaded once per ``(weights, device)`` (and file modification time, so a
+    retrained file is read again)."""
+    from pathlib import Path
+
+    from ..networks.checkpoint import load_network, shipped_weights_path
+
+    device = torch.device(device or "cpu")
+    path = Path(str(weights))
+    if not path.exists() and str(weights) == "affine":
+        path = shipped_weights_path("affine")
+    stamp = path.stat().st_mtime_ns if path.exists() else None
+    key = (str(weights), str(device), stamp)
+    if key not in _NETWORKS:
+        _NETWORKS[key] = load_network(weights, kind="affine", device=device)
+    return _NETWORKS[key]
+
+
+def _rc_to_xy(theta: np.ndarray) -> np.ndarray:
+    """A 2x3 affine on ``(row, col)`` as the same map on ``(x, y)`` = ``(col, row)`` (and back)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    return theta[::-1][:, [1, 0, 2]].copy()
+
+
+def learned_affine(
+    source: np.ndarray,
+    target: np.ndarray,
+    matrix: np.ndarray,
+    config: LearnedAffineConfig | None = None,
+    device=None,
+    progress: ProgressCallback = None,
+) -> np.ndarray:
+    """Refine a 2x3 backward pixel affine of ``source`` onto ``target`` (same working grid)
+    with the affine network: ``passes`` times, warp the source by the current matrix, predict
+    the residual affine and compose it. Returns the refined 2x3 backward pixel ``(row, col)``
+    affine, like :func:`optimise_affine`.
+
+    The network sees both images zero-padded to a centred square and resampled to its input
+    size once; each pass re-warps that small source from the matrix composed so far (one
+    interpolation, no accumulated blur).
+    """
+    from ..networks.affine import compose_theta, square_padding
+
+    config = config or LearnedAffineConfig()
+    if np.shape(source) != np.shape(target) or np.ndim(target) != 2:
+        raise ValueError(f"source {np.shape(source)} and target {np.shape(target)} must be (H, W) on one grid")
+    device = torch.device(device or "cpu")
+    net = load_affine_network(config.weights, device)
+    h, w = target.shape
+    side, top, left = square_padding((h, w))
+    offset = np.array([top, left], dtype=np.float64)
+    m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+    # pixel affine on the working grid -> on the centred square (q = p + offset)
+    square = np.hstack([m[:, :2], (m[:, :2] @ -offset + m[:, 2] + offset)[:, None]])
+    theta = torch.tensor(_rc_to_xy(affine_pixels_to_normalised(square, (side, side))), dtype=torch.float32, device=device)[None]
+    passes = max(0, int(config.passes))
+    with torch.no_grad():
+        src = net.prepare(torch.as_tensor(np.ascontiguousarray(source), dtype=torch.float32, device=device)[None, None])
+        tgt = net.prepare(torch.as_tensor(np.ascontiguousarray(target), dtype=torch.float32, device=device)[None, None])
+        tgt_features = net.features(tgt)
+        for k in range(passes):
+            grid = F.affine_grid(theta, list(src.shape), align_corners=ALIGN_CORNERS)
+            warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+            predict = net.predict_symmetric if config.symmetric else net.predict_square
+            theta = compose_theta(theta, predict(warped, tgt, tgt_features))
+            report(progress, "affine", k + 1, passes, "learned affine")
+    square = affine_normalised_to_pixels(_rc_to_xy(theta[0].double().cpu().numpy()), (side, side))
+    out = np.hstack([square[:, :2], (square[:, :2] @ offset + square[:, 2] - offset)[:, None]])
+    return out

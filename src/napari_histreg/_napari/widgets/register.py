@@ -30,9 +30,15 @@ def build_config(
     use_initial: bool = True,
     use_affine: bool = True,
     use_mask: bool = False,
+    mode: str | None = None,
+    mask_method: str | None = None,
 ) -> RegistrationConfig:
     """A :class:`RegistrationConfig` from the widget's few knobs (defaults elsewhere)."""
     config = RegistrationConfig()
+    if mode is not None:
+        config.mode = mode
+    if mask_method is not None:
+        config.mask_method = mask_method
     if working_size:
         config.preprocess = dataclasses.replace(config.preprocess, working_size=int(working_size))
     config.nonrigid_method = nonrigid_method
@@ -43,8 +49,13 @@ def build_config(
         config.affine = dataclasses.replace(config.affine, iterations=scaled(config.affine.iterations, iterations_factor))
         config.dense = dataclasses.replace(config.dense, iterations=scaled(config.dense.iterations, iterations_factor))
         config.patches = dataclasses.replace(config.patches, iterations=scaled(config.patches.iterations, iterations_factor))
+        config.hybrid_affine = dataclasses.replace(
+            config.hybrid_affine, iterations=scaled(config.hybrid_affine.iterations, iterations_factor)
+        )
+        config.hybrid_dense = dataclasses.replace(config.hybrid_dense, iterations=scaled(config.hybrid_dense.iterations, iterations_factor))
     if regularisation is not None:
         config.dense = dataclasses.replace(config.dense, regularisation=float(regularisation))
+        config.hybrid_dense = dataclasses.replace(config.hybrid_dense, regularisation=float(regularisation))
     return config
 
 
@@ -72,12 +83,18 @@ class RegisterWidget(RunWidget):
         self.source = layer_picker(napari_viewer, "source (moving)", ("image",), prefer="source")
         self.target = layer_picker(napari_viewer, "target (fixed)", ("image",), prefer="target")
         self.source_points = layer_picker(napari_viewer, "source landmarks", ("points",), nullable=True, prefer="source")
+        self.mode = ComboBox(
+            value=defaults.mode, choices=["optimise", "learned", "hybrid"], label="mode",
+            tooltip="optimise: instance optimisation (accurate); learned: the networks only (fastest); "
+            "hybrid: networks, then a short optimisation",
+        )
         self.show_vectors = CheckBox(value=True, text="show deformation arrows")
         self.show_advanced = CheckBox(value=False, text="advanced settings")
         self.working_size = SpinBox(value=defaults.preprocess.working_size, min=128, max=4096, step=64, label="working size (px)")
         self.use_initial = CheckBox(value=defaults.use_initial, text="initial alignment (rotation search)")
         self.use_affine = CheckBox(value=defaults.use_affine, text="affine")
-        self.use_mask = CheckBox(value=defaults.use_mask, text="tissue mask (Otsu)")
+        self.use_mask = CheckBox(value=defaults.use_mask, text="tissue mask")
+        self.mask_method = ComboBox(value=defaults.mask_method, choices=["otsu", "unet"], label="mask method")
         self.nonrigid_method = ComboBox(value=defaults.nonrigid_method, choices=["dense", "patches", "none"], label="non-rigid")
         self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
         self.regularisation = FloatSpinBox(value=defaults.dense.regularisation, min=0.0, max=1000.0, step=0.5, label="regularisation")
@@ -87,7 +104,7 @@ class RegisterWidget(RunWidget):
         self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
         self.advanced = Container(
             widgets=[
-                self.working_size, self.use_initial, self.use_affine, self.use_mask, self.nonrigid_method,
+                self.working_size, self.use_initial, self.use_affine, self.use_mask, self.mask_method, self.nonrigid_method,
                 self.iterations, self.regularisation, self.show_magnitude, self.show_jacobian, self.device, self.seed,
             ],
             label="",
@@ -96,7 +113,7 @@ class RegisterWidget(RunWidget):
         self.show_advanced.changed.connect(self._toggle_advanced)
         super().__init__(
             napari_viewer,
-            [self.source, self.target, self.source_points, self.show_vectors, self.show_advanced, self.advanced],
+            [self.source, self.target, self.source_points, self.mode, self.show_vectors, self.show_advanced, self.advanced],
         )
 
     def _toggle_advanced(self, value: bool) -> None:
@@ -111,6 +128,8 @@ class RegisterWidget(RunWidget):
             use_initial=self.use_initial.value,
             use_affine=self.use_affine.value,
             use_mask=self.use_mask.value,
+            mode=self.mode.value,
+            mask_method=self.mask_method.value,
         )
 
     def prepare(self):

@@ -18,11 +18,13 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 from ...conventions import affine_to_field
 from ...progress import report
 from ...result import RegistrationResult
-from ...stages.affine import AffineConfig, optimise_affine
+from ...stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
 from ...stages.initial import InitialAlignmentConfig, initial_alignment
+from ...stages.learned_nonrigid import learned_nonrigid
 from ...stages.mask import otsu_tissue_mask
 from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
+from ...stages.segment import unet_tissue_mask
 from ..layers import add_layers, image_ref, result_to_layers, snapshot, working_placement
 from ..session import PairKey
 from ._base import DEVICES, RunWidget, check_pair, layer_picker
@@ -34,13 +36,25 @@ if TYPE_CHECKING:
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
-def _prepare_pair(source, target, config: PreprocessConfig, mask: bool, device, progress) -> PreparedPair:
-    """Preprocess (and optionally mask) a pair, reporting ``preprocess`` events."""
+MASKS = {"none": None, "Otsu": "otsu", "tissue U-Net": "unet"}
+
+
+def _tissue_mask(image: np.ndarray, method, device) -> np.ndarray:
+    if method == "unet":
+        return unet_tissue_mask(image, device=device)
+    return otsu_tissue_mask(image)
+
+
+def _prepare_pair(source, target, config: PreprocessConfig, mask, device, progress) -> PreparedPair:
+    """Preprocess (and optionally mask: ``mask`` is False/None, ``"otsu"``/True or ``"unet"``) a
+    pair, reporting ``preprocess`` events."""
     report(progress, "preprocess", 0, 1, "working pair")
     pair = preprocess_pair(source, target, config, device)
     if mask:
         pair = dataclasses.replace(
-            pair, source=pair.source * otsu_tissue_mask(pair.source), target=pair.target * otsu_tissue_mask(pair.target)
+            pair,
+            source=pair.source * _tissue_mask(pair.source, mask, device),
+            target=pair.target * _tissue_mask(pair.target, mask, device),
         )
     report(progress, "preprocess", 1, 1, "working pair")
     return pair
@@ -98,7 +112,7 @@ class PreprocessWidget(_StageWidget):
         self.invert = CheckBox(value=d.invert, text="invert (tissue bright)")
         self.equalise = CheckBox(value=d.equalise, text="entropy-guided equalisation")
         self.clahe = CheckBox(value=d.clahe, text="CLAHE")
-        self.mask = CheckBox(value=False, text="tissue mask (Otsu)")
+        self.mask = ComboBox(value="none", choices=list(MASKS), label="tissue mask")
         super().__init__(napari_viewer, [self.working_size, self.invert, self.equalise, self.clahe, self.mask], "Preprocess")
 
     def prepare(self):
@@ -107,7 +121,7 @@ class PreprocessWidget(_StageWidget):
             PreprocessConfig(), working_size=int(self.working_size.value), invert=self.invert.value,
             equalise=self.equalise.value, clahe=self.clahe.value,
         )
-        mask = bool(self.mask.value)
+        mask = MASKS[self.mask.value]
         key = PairKey.of(source, target)
         src, tgt = snapshot(source), snapshot(target)
 
@@ -170,20 +184,23 @@ class InitialAlignmentWidget(_StageWidget):
 
 
 class AffineWidget(_StageWidget):
-    """Optimise the six affine parameters (-NCC on a pyramid), from the initial alignment."""
+    """The affine network, or optimisation of the six affine parameters (-NCC on a pyramid), or
+    the network followed by a short optimisation, from the initial alignment."""
 
     stages = ("preprocess", "affine", "layers")
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         d = AffineConfig()
+        self.method = ComboBox(value="optimise", choices=list(STAGE_METHODS), label="method")
         self.start = ComboBox(value="previous stage", choices=["previous stage", "identity"], label="start from")
         self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
         self.learning_rate = FloatSpinBox(value=d.learning_rate, min=1e-5, max=1.0, step=0.001, label="learning rate")
-        super().__init__(napari_viewer, [self.start, self.iterations, self.learning_rate], "Optimise affine")
+        super().__init__(napari_viewer, [self.method, self.start, self.iterations, self.learning_rate], "Affine")
 
     def prepare(self):
         source, target, device = self._inputs()
-        d = AffineConfig()
+        method = self.method.value
+        d = _hybrid_affine() if method == "hybrid" else AffineConfig()
         config = dataclasses.replace(
             d, iterations=scaled(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value)
         )
@@ -196,7 +213,11 @@ class AffineWidget(_StageWidget):
 
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
-            matrix = optimise_affine(p.source, p.target, start, config, device, progress)
+            matrix = start
+            if method != "optimise":
+                matrix = learned_affine(p.source, p.target, matrix, LearnedAffineConfig(), device, progress)
+            if method != "network":
+                matrix = optimise_affine(p.source, p.target, matrix, config, device, progress)
             result = _affine_result(p, matrix, "affine")
             report(progress, "layers", 0, 1, "warping the source")
             layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
@@ -211,13 +232,14 @@ class AffineWidget(_StageWidget):
 
 
 class NonrigidWidget(_StageWidget):
-    """Dense instance optimisation or the patch-group engine, from the last affine."""
+    """Dense instance optimisation, the patch-group engine with per-patch optimisation, or the
+    patch-group network (``network``), from the last affine."""
 
     stages = ("preprocess", "nonrigid", "layers")
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         d = DenseConfig()
-        self.method = ComboBox(value="dense", choices=["dense", "patches"], label="method")
+        self.method = ComboBox(value="dense", choices=["dense", "patches", "network", "network + dense"], label="method")
         self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
         self.regularisation = FloatSpinBox(value=d.regularisation, min=0.0, max=1000.0, step=0.5, label="regularisation")
         self.show_vectors = CheckBox(value=True, text="deformation arrows")
@@ -246,7 +268,11 @@ class NonrigidWidget(_StageWidget):
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             start = affine_to_field(matrix, p.target.shape)[0].numpy()
-            if method == "dense":
+            if method.startswith("network"):
+                start = learned_nonrigid(p.source, p.target, start, None, device, progress)
+            if method == "network":
+                field = start
+            elif method in ("dense", "network + dense"):
                 field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
             else:
                 field = patch_nonrigid(p.source, p.target, start, None, patches, device, progress)
@@ -264,6 +290,15 @@ class NonrigidWidget(_StageWidget):
         key, pair, pconfig, mask, result, layers, sname, tname, started_from = payload
         self._store(key, pair, pconfig, mask, result, layers, (sname, tname))
         return f"non-rigid done (started from {started_from})"
+
+
+STAGE_METHODS = {"optimise": "instance optimisation", "network": "the affine network", "hybrid": "network, then a short optimisation"}
+
+
+def _hybrid_affine() -> AffineConfig:
+    from ...pipeline import RegistrationConfig
+
+    return RegistrationConfig().hybrid_affine
 
 
 def _affine_result(pair: PreparedPair, matrix, stage: str) -> RegistrationResult:

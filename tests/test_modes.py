@@ -1,0 +1,144 @@
+"""Pipeline modes (optimise / learned / hybrid), the shipped weights through the pipeline, the
+`histreg train` command and the checkpoint format's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.io import imsave
+
+from napari_histreg import register
+from napari_histreg.cli import main
+from napari_histreg.io import pair_landmarks, read_image, read_landmarks
+from napari_histreg.metrics import pair_metrics
+from napari_histreg.networks import NetworkLoadError, load_network, save_network, shipped_weights_path
+from napari_histreg.pipeline import RegistrationConfig
+from napari_histreg.sample import make_sample_pair
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return make_sample_pair()
+
+
+def _median_rtre(result, pair) -> float:
+    mapped = result.map_source_points(pair.source_landmarks)
+    return pair_metrics(pair.source_landmarks, mapped, pair.target_landmarks, pair.target.shape[:2])["median_rtre"]
+
+
+def test_unknown_mode_and_mask_method_are_named():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        register(np.zeros((64, 64)), np.zeros((64, 64)), mode="fastest")
+    with pytest.raises(ValueError, match="mask_method"):
+        register(np.zeros((64, 64)), np.zeros((64, 64)), RegistrationConfig(use_mask=True, mask_method="magic"))
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "affine", "nonrigid"])
+def test_shipped_weights_are_small_and_describe_their_training(kind):
+    path = shipped_weights_path(kind)
+    assert path.exists(), f"{path} is missing: train it with `histreg train {kind}` (see README)"
+    assert path.stat().st_size < 8 * 2**20
+    model = load_network(kind)
+    assert model.kind == kind
+    assert not model.training
+    assert {"steps", "seconds", "seed"} <= set(model.meta)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["learned", "hybrid"])
+def test_modes_register_the_sample_pair(sample, mode):
+    before = pair_metrics(sample.source_landmarks, sample.source_landmarks, sample.target_landmarks, sample.target.shape[:2])
+    result = register(sample.source, sample.target, mode=mode)
+    assert result.info["mode"] == mode
+    after = _median_rtre(result, sample)
+    # The sample starts at ~0.025; the networks must do most of the work in either mode.
+    assert after < 0.25 * before["median_rtre"]
+    assert after < 0.006
+
+
+def test_learned_mode_on_a_real_pair_beats_its_own_affine(shared_data):
+    """The non-rigid network lowers the landmark error of the affine network on a real pair."""
+    folder = shared_data / "rat-kidney"
+    source, target = folder / "Rat-Kidney_PanCytokeratin.jpg", folder / "Rat-Kidney_HE.jpg"
+    _, s_pts, t_pts = pair_landmarks(
+        *read_landmarks(folder / "Rat-Kidney_PanCytokeratin.csv"), *read_landmarks(folder / "Rat-Kidney_HE.csv")
+    )
+    shape = read_image(target).shape[:2]
+    errors = {}
+    for name, config in {
+        "affine": RegistrationConfig(mode="learned", nonrigid_method="none"),
+        "learned": RegistrationConfig(mode="learned"),
+    }.items():
+        result = register(source, target, config)
+        errors[name] = pair_metrics(s_pts, result.map_source_points(s_pts), t_pts, shape)["median_rtre"]
+    initial = pair_metrics(s_pts, s_pts, t_pts, shape)["median_rtre"]
+    assert errors["affine"] < initial
+    assert errors["learned"] < errors["affine"]
+
+
+def test_unet_mask_in_the_pipeline(sample):
+    result = register(sample.source, sample.target, RegistrationConfig(use_mask=True, mask_method="unet", nonrigid_method="none"))
+    assert "mask" in result.timings
+    assert _median_rtre(result, sample) < 0.01
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(NetworkLoadError, match="not found"):
+        load_network(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(NetworkLoadError, match="garbage.pt: not a readable"):
+        load_network(garbage)
+    plain = tmp_path / "plain.pt"
+    torch.save({"a": torch.zeros(2)}, plain)
+    with pytest.raises(NetworkLoadError, match="not a napari-histreg network"):
+        load_network(plain)
+    affine = load_network("affine")
+    copy = save_network(affine, tmp_path / "affine.pt", affine.meta)
+    with pytest.raises(NetworkLoadError, match="holds the affine network, expected the nonrigid network"):
+        load_network(copy, kind="nonrigid")
+    with pytest.raises(NetworkLoadError, match="unknown network kind"):
+        load_network(copy, kind="bogus")
+    reloaded = load_network(copy, kind="affine")
+    for (name, a), (_, b) in zip(affine.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------- histreg train
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Two stain renderings of scikit-image's IHC image, in one folder (one tissue block)."""
+    from napari_histreg.training.data import skimage_images
+
+    folder = tmp_path_factory.mktemp("tiny") / "block"
+    folder.mkdir()
+    for image in skimage_images(size=160):
+        imsave(folder / (image.name.split(":")[-1] + ".png"), (image.rgb * 255).astype(np.uint8), check_contrast=False)
+    return folder.parent
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "affine", "nonrigid"])
+def test_train_command_writes_loadable_weights_and_resumes(kind, tiny_data, tmp_path, capsys):
+    out = tmp_path / f"{kind}.pt"
+    code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    model = load_network(out, kind=kind)
+    assert model.meta["steps"] == 2
+    assert f"trained {kind} network: 2 steps" in capsys.readouterr().out
+    # Resuming a finished run starts again from step 0 (its state file is gone) and says so.
+    code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q"])
+    assert code == 0
+    assert "no training state" in capsys.readouterr().err
+
+
+def test_train_command_bad_input(tmp_path, capsys):
+    assert main(["train", "affine", "--data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "a.pt")]) == 2
+    assert "training data not found" in capsys.readouterr().err
+    assert main(["train", "affine", "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "affine", "--data", str(empty), "--no-skimage", "-o", str(tmp_path / "a.pt"), "--steps", "1"]) == 2
+    assert "no images found" in capsys.readouterr().err
