@@ -2,7 +2,7 @@
 
 Registers every ``training`` and ``synthetic`` pair once (about 4-6 s a pair on 2 cores) and
 checks the ANHIR numbers: every training pair ends below its initial error, MMrTRE at most
-0.004 over the training pairs, and the synthetic rigid/affine pairs at most 0.002.
+0.004 over the training pairs, and every synthetic pair (rigid, affine, elastic) at most 0.002.
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ def test_synthetic_linear_pairs_at_most_0_002(evaluated, kind):
     assert row["MrTRE"] <= 0.002, row
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known limit: the elastic synthetic pair ends at MrTRE ~0.0033 (from 0.076); its worst landmarks sit "
-    "on nearly straight object edges where image similarity cannot fix the position along the edge",
-)
 def test_synthetic_elastic_pair_at_most_0_002(evaluated):
     (row,) = [r for r in _by_status(evaluated[0], "synthetic") if "moving-elastic" in r["source"]]
     assert row["MrTRE"] <= 0.002, row

@@ -108,3 +108,5 @@ def test_built_wheel_contains_the_manifest(tmp_path):
         text = zf.read(entry_points).decode()
         assert "[napari.manifest]" in text and "napari_histreg:napari.yaml" in text
         assert any(n.startswith("napari_histreg/_napari/widgets/") for n in zf.namelist())
+        for kind in ("segmentation", "affine", "nonrigid"):  # the shipped network weights
+            assert zf.read(f"napari_histreg/weights/{kind}.pt") == (REPO / "src/napari_histreg/weights" / f"{kind}.pt").read_bytes()

@@ -139,19 +139,24 @@ class Pipeline:
     def _nonrigid_stage(self):
         c, device = self.config, self.device
 
-        def optimised(s, t, f, progress=None, dense=c.dense):
+        def optimised(s, t, f, progress=None):
             if c.nonrigid_method == "patches":
                 return patch_nonrigid(s, t, f, None, c.patches, device, progress)
-            return dense_nonrigid(s, t, f, dense, device, progress)
+            return dense_nonrigid(s, t, f, c.dense, device, progress)
 
         if c.mode == "optimise":
             return optimised
 
         def networked(s, t, f, progress=None):
             field = learned_nonrigid(s, t, f, c.learned_nonrigid, device, progress)
-            if c.mode == "hybrid":
-                field = optimised(s, t, field, progress, dense=c.hybrid_dense)
-            return field
+            if c.mode != "hybrid":
+                return field
+            if c.nonrigid_method == "patches":
+                return patch_nonrigid(s, t, field, None, c.patches, device, progress)
+            # The network's part starts the optimised residual rather than being frozen into
+            # the fixed initial field: regularised with the rest, it can be smoothed or undone
+            # where the network was wrong.
+            return dense_nonrigid(s, t, f, c.hybrid_dense, device, progress, initial_residual=field - f)
 
         return networked
 

@@ -75,3 +75,56 @@ def curvature(field: torch.Tensor) -> torch.Tensor:
         - 4 * field[:, :, 1:-1, 1:-1]
     )
     return lap.pow(2).mean(dim=(1, 2, 3))
+
+
+
+def _box_sum_shifted(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-padded box *sum* over ``window x window`` (odd) by adding shifted views: no
+    autograd, about 10x faster on the CPU than the grouped convolutions of :func:`_box_mean`."""
+    pad = window // 2
+    h, w = x.shape[-2:]
+    rows = F.pad(x, (0, 0, pad, pad))
+    out = rows[..., 0:h, :].clone()
+    for k in range(1, window):
+        out += rows[..., k : k + h, :]
+    cols = F.pad(out, (pad, pad))
+    out = cols[..., 0:w].clone()
+    for k in range(1, window):
+        out += cols[..., k : k + w]
+    return out
+
+
+class _BoxMean(torch.autograd.Function):
+    # The zero-padded box filter with an odd window is a symmetric linear operator, so its
+    # backward pass is the same filter applied to the incoming gradient.
+    @staticmethod
+    def forward(ctx, x, window):
+        ctx.window = window
+        return _box_sum_shifted(x, window) / (window * window)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _box_sum_shifted(grad, ctx.window) / (ctx.window * ctx.window), None
+
+
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-padded ``window x window`` mean of each channel of ``(B, C, H, W)``: the output of
+    :func:`_box_mean`, computed by shifted additions with a hand-written backward pass (odd
+    windows; an even window falls back to the convolutions)."""
+    if window % 2 == 0:
+        return _box_mean(x, window)
+    return _BoxMean.apply(x, window)
+
+
+def local_ncc_fast(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """:func:`local_ncc` with the box filter of :func:`box_mean`: the same values up to float
+    rounding, 3-4x cheaper forward and backward on the CPU; the dense non-rigid stage uses it."""
+    stacked = torch.cat((a, b, a * a, b * b, a * b), dim=1)
+    means = box_mean(stacked, window)
+    c = a.shape[1]
+    mu_a, mu_b, mu_aa, mu_bb, mu_ab = torch.split(means, c, dim=1)
+    cov = mu_ab - mu_a * mu_b
+    var_a = (mu_aa - mu_a * mu_a).clamp_min(0)
+    var_b = (mu_bb - mu_b * mu_b).clamp_min(0)
+    cc = cov * cov / (var_a * var_b + 1e-5)
+    return cc.mean(dim=tuple(range(1, cc.ndim)))

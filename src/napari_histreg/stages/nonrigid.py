@@ -16,6 +16,7 @@ All fields here are backward, in pixels, channel 0 = rows (see ``conventions``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..conventions import ALIGN_CORNERS, compose, to_tensor, warp
 from ..progress import ProgressCallback, report
-from ..similarity import curvature, diffusion, local_ncc
+from ..similarity import curvature, diffusion, local_ncc, local_ncc_fast
 from .preprocess import resample
 
 
@@ -52,20 +53,58 @@ def _rescale_field(field: torch.Tensor, shape) -> torch.Tensor:
 class DenseConfig:
     """``levels``: longer side per pyramid level, coarse to fine; ``iterations`` per level;
     ``learning_rate`` in level pixels per Adam step; ``regularisation``: weight of diffusion
-    (squared strain); ``window``: local NCC window in level pixels. ``regularisation`` and
-    ``control_spacing`` may be one value or one per level; a spacing above 1 optimises the field
-    on a coarser grid (bicubic upsampling), a B-spline-like model that extrapolates smooth
-    warps along edges better but fits real tissue worse (measured: default 1)."""
+    (squared strain) on the dense residual; ``window``: local NCC window in level pixels.
+    ``regularisation`` and ``control_spacing`` may be one value or one per level; a
+    ``control_spacing`` above 1 optimises the dense residual on a coarser grid (bicubic
+    upsampling).
 
-    # The finest level stops at 576 px and the coarse levels at 60/50 iterations: 768 px and
-    # 100/80/40 cost 3.5x the time for no gain on the development pairs (training MMrTRE 0.0030
-    # either way); the box filters of local NCC dominate the time.
-    levels: tuple[int, ...] = (192, 384, 576)
-    iterations: tuple[int, ...] = (60, 50, 30)
+    The residual field is a sum of parts optimised together at every level: the dense part
+    and one coarse, B-spline-like part per entry of ``coarse_spacings`` (a grid with that
+    spacing in level pixels, bicubic upsampling; ``()`` switches them off). The coarse parts
+    carry smooth, large warps and extrapolate them along straight edges, where similarity
+    cannot place a point (aperture problem). Their diffusion weight is
+    ``coarse_regularisation * (1 - NCC)``, NCC being the global correlation of the warped
+    source with the target, re-estimated every iteration: the residual dissimilarity stands
+    for the noise of the data term. Two renderings of one image match almost perfectly
+    (1 - NCC ~ 0.001 once aligned), so their coarse parts are nearly free (weight ~0.1);
+    cross-stain pairs leave 0.14-0.3 of the variance unexplained, so the coarse parts are held
+    at 14-30 times the dense weight and these pairs end where the dense part alone takes them.
+    ``coarse_learning_rate``: Adam step of the coarse parts (level pixels)."""
+
+    # Measured on ../shared/data (training + synthetic pairs, 1 thread), MrTRE per pair.
+    # Dense part alone, (192, 384, 576) x (60, 50, 30): kidney 0.0022, proSPC->HE 0.0036,
+    # CC10->HE 0.0044, CC10->proSPC 0.0016, synthetic rigid 0.0017, affine 0.0012, elastic
+    # 0.0036 (its worst landmarks slide along straight edges; weaker diffusion makes it worse:
+    # 0.0067 at 0.1; a 768 px last level alone: 0.0035). A weakly regularised coarse grid
+    # alone fixes the elastic pair (spacing 16, weight 0.03: 0.0017) but lets the lung pairs
+    # drift (0.0069 / 0.0083): inside the lesion their cross-stain similarity is noise. No
+    # fixed coarse weight serves both (0.03-3: elastic 0.0019-0.0034 while the lung pairs lose
+    # 0.0003-0.0015); the noise-scaled one does. Defaults: kidney 0.0021, proSPC->HE 0.0038,
+    # CC10->HE 0.0043, CC10->proSPC 0.0015, rigid 0.0018, affine 0.0012, elastic 0.0016.
+    # The synthetic pairs have 12 landmarks each, annotated to ~1.5 px (the best affine fit to
+    # the rigid pair's own landmarks leaves a median of 1.45 px), so their medians sit near
+    # the 2 px bar and jump with float rounding; the settings were therefore compared over
+    # 6-10 runs from initial fields perturbed by 1e-3 px. Elastic / rigid mean (max) x 1000:
+    # (24, 48) x 100 with coarse steps of 0.1 px: 1.62 (1.67) / 1.81 (1.84); with steps of
+    # 0.3 px: 1.61 / 1.80 but rigid up to 2.11 (nearly free coarse parts random-walk under
+    # Adam on a pair that needs none); (32, 64): 1.70 / 1.74; (28, 56): 1.94 / 1.79; (20, 40):
+    # rigid 2.02; one grid of 24: elastic 2.00; coarse_regularisation 50: 1.53 / 1.80 (but
+    # proSPC->HE 0.0039-0.0040), 200: 1.89 / 1.78. The training pairs stay within 0.0002 of
+    # the dense-only numbers throughout (proSPC->HE, the most variable, 0.0036-0.0040; it
+    # moves that much with the level schedule alone). The last level at the full 768 px
+    # working size lowers the elastic pair's mid-rank errors (576 px: 0.0019); 20 iterations
+    # there and 40 in the middle, with the shifted-sum box filter of local_ncc_fast and the
+    # grid-space diffusion of the coarse parts, keep this stage faster than the former
+    # (576, 60/50/30) dense-only default (1.4 s vs 1.75 s a pair, 1 thread).
+    levels: tuple[int, ...] = (192, 384, 768)
+    iterations: tuple[int, ...] = (60, 40, 20)
     learning_rate: float = 0.3
     regularisation: float = 1.0
     window: int = 7
     control_spacing: int = 1
+    coarse_spacings: tuple[int, ...] = (24, 48)
+    coarse_regularisation: float = 100.0
+    coarse_learning_rate: float = 0.1
 
 
 def _per_level(value, n: int) -> tuple:
@@ -75,10 +114,80 @@ def _per_level(value, n: int) -> tuple:
     return values
 
 
+@functools.lru_cache(maxsize=64)
+def _bicubic_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of 1-D bicubic upsampling with end-point alignment, exactly
+    what ``F.interpolate(..., mode="bicubic", align_corners=True)`` does along one axis."""
+    eye = torch.eye(n_in, device=device)[None, :, :, None]
+    out = F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=True)
+    return out[0, :, :, 0].T.contiguous()
+
+
 def _upsample_params(params: torch.Tensor, shape) -> torch.Tensor:
-    if tuple(params.shape[-2:]) == tuple(shape):
+    """Bicubic upsampling (``align_corners=True``) of a ``(B, C, h, w)`` grid to ``shape``, as
+    two small matrix products: separable and about 10x cheaper than ``F.interpolate`` forward
+    and backward on the CPU, which matters because it runs every iteration."""
+    h, w = params.shape[-2:]
+    if (h, w) == tuple(shape):
         return params
-    return F.interpolate(params, size=tuple(shape), mode="bicubic", align_corners=True)
+    rows = _bicubic_matrix(h, shape[0], params.device).to(params.dtype)
+    cols = _bicubic_matrix(w, shape[1], params.device).to(params.dtype)
+    return torch.matmul(torch.matmul(rows, params), cols.T)
+
+
+@functools.lru_cache(maxsize=64)
+def _strain_matrices(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M^T M, (D M)^T (D M))`` for the bicubic upsampling ``M`` of :func:`_bicubic_matrix`
+    and the first difference ``D`` along the upsampled axis, both ``(n_in, n_in)``."""
+    m = _bicubic_matrix(n_in, n_out, device)
+    d = m[1:] - m[:-1]
+    return (m.T @ m).contiguous(), (d.T @ d).contiguous()
+
+
+def _grid_diffusion(params: torch.Tensor, shape) -> torch.Tensor:
+    """:func:`~napari_histreg.similarity.diffusion` of ``_upsample_params(params, shape)``
+    (per batch item), from quadratic forms on the small grid: the squared differences of the
+    upsampled field summed exactly, without forming it (and without its backward pass)."""
+    h, w = params.shape[-2:]
+    rows_mm, rows_dd = (t.to(params.dtype) for t in _strain_matrices(h, shape[0], params.device))
+    cols_mm, cols_dd = (t.to(params.dtype) for t in _strain_matrices(w, shape[1], params.device))
+    c = params.shape[1]
+    along_rows = (params * (rows_dd @ params @ cols_mm)).sum(dim=(1, 2, 3)) / (c * (shape[0] - 1) * shape[1])
+    along_cols = (params * (rows_mm @ params @ cols_dd)).sum(dim=(1, 2, 3)) / (c * shape[0] * (shape[1] - 1))
+    return along_rows + along_cols
+
+
+def _carry(params: torch.Tensor | None, prev_shape, lshape, pshape, device) -> torch.Tensor:
+    """Parameters of the previous level (a grid that upsamples to ``prev_shape``) on the grid
+    ``pshape`` of the level ``lshape``; zeros at the first level."""
+    if params is None:
+        return torch.zeros((1, 2) + tuple(pshape), device=device)
+    dense = _rescale_field(_upsample_params(params.detach(), prev_shape), lshape)
+    if tuple(pshape) != tuple(lshape):
+        dense = F.interpolate(dense, size=tuple(pshape), mode="bilinear", align_corners=True)
+    return dense
+
+
+def _coarse_spacings(value) -> tuple[int, ...]:
+    """``DenseConfig.coarse_spacings`` as a tuple of positive spacings (one value, a list from a
+    JSON config, or ``None`` / ``0`` / ``()`` for no coarse part)."""
+    if not value:
+        return ()
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if any(v <= 0 for v in values):
+        raise ValueError(f"coarse_spacings must be positive level pixels, got {values}")
+    return values
+
+
+def _dissimilarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``1 - NCC`` of two images (global), the share of ``b``'s variance that ``a`` leaves
+    unexplained by a linear intensity map: the noise estimate that scales the coarse weight."""
+    with torch.no_grad():
+        da = a - a.mean()
+        db = b - b.mean()
+        num = (da * db).sum()
+        den = torch.sqrt((da * da).sum() * (db * db).sum()).clamp_min(1e-6)
+        return max(0.0, 1.0 - float(num / den))
 
 
 def dense_nonrigid(
@@ -88,14 +197,23 @@ def dense_nonrigid(
     config: DenseConfig | None = None,
     device=None,
     progress: ProgressCallback = None,
+    initial_residual: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Refine ``initial_field`` (``(2, H, W)``) by optimising an additive dense residual."""
+    """Refine ``initial_field`` (``(2, H, W)``) by optimising an additive residual: a dense
+    part plus a coarse part whose regularisation follows the residual dissimilarity (see
+    :class:`DenseConfig`).
+
+    ``initial_residual`` (``(2, H, W)``, optional) is where the dense part starts, e.g. a
+    network's non-rigid field minus ``initial_field``: unlike ``initial_field`` it is
+    regularised, so the optimisation can smooth or undo it."""
     config = config or DenseConfig()
     device = device or torch.device("cpu")
     shape = target.shape
     init = to_tensor(initial_field, device=device)[None]
-    residual = None
-    prev_shape = None
+    residual = None if initial_residual is None else to_tensor(initial_residual, device=device)[None]
+    coarse_spacings = _coarse_spacings(config.coarse_spacings)
+    coarse: list = [None] * len(coarse_spacings)
+    prev_shape = None if residual is None else tuple(shape)
     total = int(sum(config.iterations))
     done = 0
     n_levels = len(config.levels)
@@ -107,25 +225,35 @@ def dense_nonrigid(
         tgt = resample(target, lshape, device=device, align_corners=ALIGN_CORNERS)[None, None]
         init_l = _rescale_field(init, lshape)
         pshape = tuple(max(2, round(n / spacing)) for n in lshape)
-        if residual is None:
-            residual = torch.zeros((1, 2) + pshape, device=device)
-        else:
-            residual = _rescale_field(_upsample_params(residual.detach(), prev_shape), lshape)
-            residual = F.interpolate(residual, size=pshape, mode="bilinear", align_corners=True) if pshape != lshape else residual
+        residual = _carry(residual, prev_shape, lshape, pshape, device).requires_grad_(True)
+        for k, grid_spacing in enumerate(coarse_spacings):
+            cshape = tuple(max(4, round(n / grid_spacing)) for n in lshape)
+            coarse[k] = _carry(coarse[k], prev_shape, lshape, cshape, device).requires_grad_(True)
         prev_shape = lshape
-        residual = residual.detach().requires_grad_(True)
-        optimiser = torch.optim.Adam([residual], lr=config.learning_rate)
+        groups = [{"params": [residual]}]
+        if coarse:
+            groups.append({"params": coarse, "lr": config.coarse_learning_rate})
+        optimiser = torch.optim.Adam(groups, lr=config.learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad()
             dense = _upsample_params(residual, lshape)
-            warped = warp(src, init_l + dense)
-            loss = -local_ncc(warped, tgt, config.window).mean() + weight * diffusion(dense).mean()
+            field = init_l + dense
+            for c in coarse:
+                field = field + _upsample_params(c, lshape)
+            warped = warp(src, field)
+            loss = -local_ncc_fast(warped, tgt, config.window).mean() + weight * diffusion(dense).mean()
+            if coarse:
+                coarse_weight = config.coarse_regularisation * _dissimilarity(warped, tgt)
+                loss = loss + coarse_weight * sum(_grid_diffusion(c, lshape).mean() for c in coarse)
             loss.backward()
             optimiser.step()
             done += 1
             if done % 10 == 0 or done == total:
                 report(progress, "nonrigid", done, total, f"level {lshape[0]}x{lshape[1]}")
-    field = init + _rescale_field(_upsample_params(residual.detach(), prev_shape), shape)
+    out = _upsample_params(residual.detach(), prev_shape)
+    for c in coarse:
+        out = out + _upsample_params(c.detach(), prev_shape)
+    field = init + _rescale_field(out, shape)
     return field[0].cpu().numpy()
 
 
