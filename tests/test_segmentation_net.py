@@ -10,9 +10,8 @@ import torch
 from scipy import ndimage as ndi
 
 from napari_histreg.io import read_image
-from napari_histreg.networks.checkpoint import build_network, load_network, shipped_weights_path
+from napari_histreg.networks.checkpoint import build_network, cached_network, load_network, shipped_weights_path
 from napari_histreg.networks.segmentation import TissueUNet
-from napari_histreg.stages import segment
 from napari_histreg.stages.mask import otsu_tissue_mask
 from napari_histreg.stages.preprocess import PreprocessConfig, preprocess_pair
 from napari_histreg.stages.segment import UNetMaskConfig, tissue_probability, unet_tissue_mask
@@ -172,10 +171,10 @@ def test_mask_stage_contract_and_cache(shared_data):
     _, grey = _working(shared_data, KIDNEY_HE, size=576)
     square = np.zeros((576, 576), np.float32)
     square[: grey.shape[0]] = grey
-    segment._cached_network.cache_clear()
+    cached_network.cache_clear()
     first = unet_tissue_mask(square)
     second = unet_tissue_mask(square, UNetMaskConfig())
-    info = segment._cached_network.cache_info()
+    info = cached_network.cache_info()
     assert info.misses == 1 and info.hits >= 1
     np.testing.assert_array_equal(first, second)
     assert first.shape == (576, 576) and first.dtype == bool

@@ -44,14 +44,15 @@ def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return F.conv2d(x, k_col, padding=(0, pad), groups=c)
 
 
-def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
+def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, box=None) -> torch.Tensor:
     """Mean squared local NCC over ``window x window`` neighbourhoods, per batch item, in ``[0, 1]``.
 
     The statistics of ``a``, ``b``, ``a*a``, ``b*b`` and ``a*b`` go through one batched box
     filter (5 channels in one conv) because that is the hot path of the non-rigid stage.
+    ``box``: the box filter ``(x, window) -> means`` (default: convolutions).
     """
     stacked = torch.cat((a, b, a * a, b * b, a * b), dim=1)
-    means = _box_mean(stacked, window)
+    means = (box or _box_mean)(stacked, window)
     c = a.shape[1]
     mu_a, mu_b, mu_aa, mu_bb, mu_ab = torch.split(means, c, dim=1)
     cov = mu_ab - mu_a * mu_b
@@ -119,12 +120,4 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
 def local_ncc_fast(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
     """:func:`local_ncc` with the box filter of :func:`box_mean`: the same values up to float
     rounding, 3-4x cheaper forward and backward on the CPU; the dense non-rigid stage uses it."""
-    stacked = torch.cat((a, b, a * a, b * b, a * b), dim=1)
-    means = box_mean(stacked, window)
-    c = a.shape[1]
-    mu_a, mu_b, mu_aa, mu_bb, mu_ab = torch.split(means, c, dim=1)
-    cov = mu_ab - mu_a * mu_b
-    var_a = (mu_aa - mu_a * mu_a).clamp_min(0)
-    var_b = (mu_bb - mu_b * mu_b).clamp_min(0)
-    cc = cov * cov / (var_a * var_b + 1e-5)
-    return cc.mean(dim=tuple(range(1, cc.ndim)))
+    return local_ncc(a, b, window, box=box_mean)

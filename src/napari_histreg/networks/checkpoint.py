@@ -14,6 +14,7 @@ code runs) on any device. The shipped weights are ``napari_histreg/weights/<kind
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib import resources
 from pathlib import Path
@@ -116,3 +117,31 @@ def load_network(weights, kind: str | None = None, device=None) -> nn.Module:
         raise NetworkLoadError(f"{path}: weights do not fit the {checkpoint['kind']} network ({str(err).splitlines()[0]})") from None
     model.meta = checkpoint.get("meta", {})
     return model.to(device or "cpu").eval()
+
+
+def _weights_file(weights) -> Path:
+    weights = str(weights)
+    return shipped_weights_path(weights) if weights in NETWORK_KINDS and not Path(weights).exists() else Path(weights)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(weights: str, kind: str, device: str, stamp: int) -> nn.Module:
+    model = load_network(weights, kind=kind, device=device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def cached_network(weights, kind: str, device=None) -> nn.Module:
+    """:func:`load_network` once per ``(weights, kind, device)`` and file modification time (a
+    retrained file is read again): what the stages call for every pair. Eval mode, no
+    gradients; shared, so do not train it (use :func:`load_network` for that)."""
+    try:
+        stamp = _weights_file(weights).stat().st_mtime_ns
+    except OSError:
+        stamp = -1  # missing: load_network raises its clear error
+    return _cached(str(weights), kind, str(torch.device(device or "cpu")), stamp)
+
+
+cached_network.cache_clear = _cached.cache_clear  # type: ignore[attr-defined]
+cached_network.cache_info = _cached.cache_info  # type: ignore[attr-defined]

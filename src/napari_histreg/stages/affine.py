@@ -89,26 +89,14 @@ class LearnedAffineConfig:
     symmetric: bool = True
 
 
-_NETWORKS: dict = {}
 
 
 def load_affine_network(weights: str = "affine", device=None):
     """The :class:`~napari_histreg.networks.affine.AffineNet` of ``weights`` on ``device``
-    (eval mode), loaded once per ``(weights, device)`` (and file modification time, so a
-    retrained file is read again)."""
-    from pathlib import Path
+    (eval mode), loaded once (see :func:`~napari_histreg.networks.checkpoint.cached_network`)."""
+    from ..networks.checkpoint import cached_network
 
-    from ..networks.checkpoint import load_network, shipped_weights_path
-
-    device = torch.device(device or "cpu")
-    path = Path(str(weights))
-    if not path.exists() and str(weights) == "affine":
-        path = shipped_weights_path("affine")
-    stamp = path.stat().st_mtime_ns if path.exists() else None
-    key = (str(weights), str(device), stamp)
-    if key not in _NETWORKS:
-        _NETWORKS[key] = load_network(weights, kind="affine", device=device)
-    return _NETWORKS[key]
+    return cached_network(weights, "affine", device)
 
 
 def _rc_to_xy(theta: np.ndarray) -> np.ndarray:

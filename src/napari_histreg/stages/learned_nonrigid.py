@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..networks.checkpoint import load_network
+from ..networks.checkpoint import cached_network
 from ..progress import ProgressCallback
 from .nonrigid import PatchConfig, patch_nonrigid
 
@@ -43,16 +43,10 @@ class LearnedNonrigidConfig:
     group_size: int | None = None
 
 
-_NETWORKS: dict[tuple[str, str], nn.Module] = {}
-
-
 def load_nonrigid_network(weights: str = "nonrigid", device=None) -> nn.Module:
-    """The non-rigid network of ``weights`` on ``device``, loaded once per (weights, device)."""
-    device = torch.device(device or "cpu")
-    key = (str(weights), str(device))
-    if key not in _NETWORKS:
-        _NETWORKS[key] = load_network(weights, kind="nonrigid", device=device)
-    return _NETWORKS[key]
+    """The non-rigid network of ``weights`` on ``device``, loaded once (see
+    :func:`~napari_histreg.networks.checkpoint.cached_network`)."""
+    return cached_network(weights, "nonrigid", device)
 
 
 def bytes_per_patch(network: nn.Module, patch_size: int) -> int:

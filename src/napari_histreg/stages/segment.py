@@ -15,8 +15,6 @@ evaluating many pairs loads it once.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,33 +40,11 @@ class UNetMaskConfig:
     dilation: int = 8
 
 
-def _weights_key(weights) -> tuple[str, float]:
-    """``(weights as a string, modification time)`` so a retrained file is reloaded."""
-    from ..networks.checkpoint import NETWORK_KINDS, shipped_weights_path
-
-    weights = str(weights)
-    path = shipped_weights_path(weights) if weights in NETWORK_KINDS and not Path(weights).exists() else Path(weights)
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        mtime = -1.0  # missing: load_network raises its clear error
-    return weights, mtime
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_network(weights: str, device: str, mtime: float):
-    from ..networks.checkpoint import load_network
-
-    model = load_network(weights, kind="segmentation", device=device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
-
-
 def load_segmentation_network(weights="segmentation", device=None):
     """The (cached) segmentation network of ``weights`` on ``device``, in eval mode."""
-    name, mtime = _weights_key(weights)
-    return _cached_network(name, str(default_device(device)), mtime)
+    from ..networks.checkpoint import cached_network
+
+    return cached_network(weights, "segmentation", default_device(device))
 
 
 def _network_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
