@@ -232,6 +232,13 @@ def test_networks_in_the_widgets(sample_viewer, qtbot):
     affine_part = affine_to_field(result.matrix, result.working_field.shape[1:])[0].numpy()
     assert float(np.abs(result.working_field - affine_part).max()) > 0.2  # the network moved something
 
+    nonrigid.method.value = "network + dense"  # the hybrid refinement, as --mode hybrid runs it
+    make_fast(nonrigid)
+    assert run_widget(qtbot, nonrigid) == "done", nonrigid.status
+    refined = nonrigid.session.result
+    assert refined.info["method"] == "network + dense"
+    assert not np.allclose(refined.working_field, result.working_field, atol=0.05)
+
 
 def test_landmark_qc_is_live(viewer, qtbot, tmp_path):
     from napari_histreg._napari.layers import add_layers, landmark_layer

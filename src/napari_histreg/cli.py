@@ -743,7 +743,6 @@ def _add_train_command(sub) -> None:
 def cmd_train(args) -> int:
     import dataclasses
     import importlib
-    import inspect
     import time
 
     from .io import HistRegInputError
@@ -766,15 +765,10 @@ def cmd_train(args) -> int:
         options.steps = args.steps
     if args.lr is not None:
         options.learning_rate = args.lr
-    kwargs = {}
-    if "include_skimage" in inspect.signature(trainer).parameters:
-        kwargs["include_skimage"] = not args.no_skimage
-    elif args.no_skimage:
-        raise HistRegInputError(f"--no-skimage is not supported by the {args.kind} trainer")
     if args.data is None and args.no_skimage:
         raise HistRegInputError("no training data: give --data or drop --no-skimage")
     started = time.perf_counter()
-    report = trainer(args.data, out, options, _device(args), **kwargs)
+    report = trainer(args.data, out, options, _device(args), include_skimage=not args.no_skimage)
     _say(f"trained {args.kind} network: {report.steps} steps in {time.perf_counter() - started:.0f} s, "
          f"final loss {report.final_loss:.4f}; weights in {out}")
     return EXIT_OK

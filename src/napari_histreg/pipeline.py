@@ -124,7 +124,9 @@ class Pipeline:
 
     def _affine_stage(self):
         c, device = self.config, self.device
-        optimised = lambda s, t, m, progress=None, cfg=c.affine: optimise_affine(s, t, m, cfg, device, progress)  # noqa: E731
+        def optimised(s, t, m, progress=None):
+            return optimise_affine(s, t, m, c.affine, device, progress)
+
         if c.mode == "optimise":
             return optimised
 

@@ -78,7 +78,6 @@ def curvature(field: torch.Tensor) -> torch.Tensor:
     return lap.pow(2).mean(dim=(1, 2, 3))
 
 
-
 def _box_sum_shifted(x: torch.Tensor, window: int) -> torch.Tensor:
     """Zero-padded box *sum* over ``window x window`` (odd) by adding shifted views: no
     autograd, about 10x faster on the CPU than the grouped convolutions of :func:`_box_mean`."""

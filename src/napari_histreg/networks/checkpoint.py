@@ -97,16 +97,15 @@ def load_network(weights, kind: str | None = None, device=None) -> nn.Module:
     """
     if kind is not None:
         network_class(kind)  # an unknown expected kind is the caller's error, named as such
-    if isinstance(weights, str) and weights in NETWORK_KINDS and not Path(weights).exists():
-        kind = kind or weights
-        path = shipped_weights_path(weights)
+    shipped = _shipped_kind(weights)
+    path = _weights_file(weights)
+    if shipped is not None:
+        kind = kind or shipped
         if not path.exists():
             raise NetworkLoadError(
-                f"no shipped {weights} weights in this installation ({path}); train them with "
-                f"`histreg train {weights} --data DIR -o {path.name}` and pass the file"
+                f"no shipped {shipped} weights in this installation ({path}); train them with "
+                f"`histreg train {shipped} --data DIR -o {path.name}` and pass the file"
             )
-    else:
-        path = Path(weights)
     checkpoint = read_checkpoint(path)
     if kind is not None and checkpoint["kind"] != kind:
         raise NetworkLoadError(f"{path}: holds the {checkpoint['kind']} network, expected the {kind} network")
@@ -119,9 +118,16 @@ def load_network(weights, kind: str | None = None, device=None) -> nn.Module:
     return model.to(device or "cpu").eval()
 
 
+def _shipped_kind(weights) -> str | None:
+    """The kind whose shipped weights ``weights`` names (a kind name that is no existing file)."""
+    name = str(weights)
+    return name if name in NETWORK_KINDS and not Path(name).exists() else None
+
+
 def _weights_file(weights) -> Path:
-    weights = str(weights)
-    return shipped_weights_path(weights) if weights in NETWORK_KINDS and not Path(weights).exists() else Path(weights)
+    """The file ``weights`` (a path or a kind name, see :func:`load_network`) stands for."""
+    shipped = _shipped_kind(weights)
+    return shipped_weights_path(shipped) if shipped is not None else Path(weights)
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,6 +18,7 @@ from ..conventions import (
     affine_normalised_to_pixels,
     affine_pixels_to_normalised,
     normalised_affine_grid,
+    to_tensor,
 )
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
@@ -89,8 +90,6 @@ class LearnedAffineConfig:
     symmetric: bool = True
 
 
-
-
 def load_affine_network(weights: str = "affine", device=None):
     """The :class:`~napari_histreg.networks.affine.AffineNet` of ``weights`` on ``device``
     (eval mode), loaded once (see :func:`~napari_histreg.networks.checkpoint.cached_network`)."""
@@ -138,13 +137,13 @@ def learned_affine(
     theta = torch.tensor(_rc_to_xy(affine_pixels_to_normalised(square, (side, side))), dtype=torch.float32, device=device)[None]
     passes = max(0, int(config.passes))
     with torch.no_grad():
-        src = net.prepare(torch.as_tensor(np.ascontiguousarray(source), dtype=torch.float32, device=device)[None, None])
-        tgt = net.prepare(torch.as_tensor(np.ascontiguousarray(target), dtype=torch.float32, device=device)[None, None])
+        src = net.prepare(to_tensor(source, device=device)[None, None])
+        tgt = net.prepare(to_tensor(target, device=device)[None, None])
         tgt_features = net.features(tgt)
+        predict = net.predict_symmetric if config.symmetric else net.predict_square
         for k in range(passes):
             grid = F.affine_grid(theta, list(src.shape), align_corners=ALIGN_CORNERS)
             warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
-            predict = net.predict_symmetric if config.symmetric else net.predict_square
             theta = compose_theta(theta, predict(warped, tgt, tgt_features))
             report(progress, "affine", k + 1, passes, "learned affine")
     square = affine_normalised_to_pixels(_rc_to_xy(theta[0].double().cpu().numpy()), (side, side))

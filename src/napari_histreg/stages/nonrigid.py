@@ -179,14 +179,23 @@ def _coarse_spacings(value) -> tuple[int, ...]:
     return values
 
 
-def _dissimilarity(a: torch.Tensor, b: torch.Tensor) -> float:
+def _centred(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b`` minus its mean, and the sum of squares of that: the fixed image's part of
+    :func:`_dissimilarity`, computed once per level rather than every iteration."""
+    with torch.no_grad():
+        db = b - b.mean()
+        return db, (db * db).sum()
+
+
+def _dissimilarity(a: torch.Tensor, b: torch.Tensor, b_centred: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
     """``1 - NCC`` of two images (global), the share of ``b``'s variance that ``a`` leaves
-    unexplained by a linear intensity map: the noise estimate that scales the coarse weight."""
+    unexplained by a linear intensity map: the noise estimate that scales the coarse weight.
+    ``b_centred``: :func:`_centred` of ``b`` when already computed."""
+    db, bb = b_centred if b_centred is not None else _centred(b)
     with torch.no_grad():
         da = a - a.mean()
-        db = b - b.mean()
         num = (da * db).sum()
-        den = torch.sqrt((da * da).sum() * (db * db).sum()).clamp_min(1e-6)
+        den = torch.sqrt((da * da).sum() * bb).clamp_min(1e-6)
         return max(0.0, 1.0 - float(num / den))
 
 
@@ -233,6 +242,7 @@ def dense_nonrigid(
         groups = [{"params": [residual]}]
         if coarse:
             groups.append({"params": coarse, "lr": config.coarse_learning_rate})
+            tgt_centred = _centred(tgt)
         optimiser = torch.optim.Adam(groups, lr=config.learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad()
@@ -243,7 +253,7 @@ def dense_nonrigid(
             warped = warp(src, field)
             loss = -local_ncc_fast(warped, tgt, config.window).mean() + weight * diffusion(dense).mean()
             if coarse:
-                coarse_weight = config.coarse_regularisation * _dissimilarity(warped, tgt)
+                coarse_weight = config.coarse_regularisation * _dissimilarity(warped, tgt, tgt_centred)
                 loss = loss + coarse_weight * sum(_grid_diffusion(c, lshape).mean() for c in coarse)
             loss.backward()
             optimiser.step()

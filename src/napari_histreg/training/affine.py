@@ -30,15 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conventions import to_tensor
 from ..networks.affine import AffineNet, compose_theta
 from ..similarity import ncc
 from .data import (
     apply_affine,
-    groups,
+    grouped_prealigned_pairs,
     jitter_intensity,
     jitter_stain,
     load_training_images,
-    prealigned_pairs,
     random_affine,
     working_grey,
 )
@@ -59,7 +59,7 @@ class AffineSamples:
 
         def prep(grey: np.ndarray) -> torch.Tensor:
             with torch.no_grad():
-                return net.prepare(torch.as_tensor(np.ascontiguousarray(grey), dtype=torch.float32)[None, None])[0].to(device)
+                return net.prepare(to_tensor(grey)[None, None])[0].to(device)
 
         rng = np.random.default_rng(12345)
         # self-pairs: each image as its own working grey plus stain-jittered renderings
@@ -69,16 +69,10 @@ class AffineSamples:
             for _ in range(stain_variants):
                 variants.append(prep(working_grey(jitter_stain(image.rgb, rng, strength=0.08))))
             self.renderings.append(torch.stack(variants))  # (V, 1, S, S)
-        # real pairs: prealigned cross-stain pairs within a tissue block
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pair_groups: list[list[int]] = []  # indices into pairs, one list per tissue block
-        if include_pairs and any(len(m) > 1 for m in groups(images).values()):
-            group_of = {image.name: image.group for image in images}
-            by_group: dict[str, list[int]] = {}
-            for pair in prealigned_pairs(images, device="cpu", nonrigid="none", progress=log):
-                by_group.setdefault(group_of[pair.names[1]], []).append(len(self.pairs))
-                self.pairs.append((prep(pair.source), prep(pair.target)))
-            self.pair_groups = list(by_group.values())
+        # real pairs: prealigned cross-stain pairs within a tissue block; pair_groups holds
+        # the indices into pairs, one list per tissue block
+        pairs, self.pair_groups = grouped_prealigned_pairs(images, log) if include_pairs else ([], [])
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = [(prep(p.source), prep(p.target)) for p in pairs]
 
     def __len__(self) -> int:
         return len(self.renderings) + len(self.pairs)

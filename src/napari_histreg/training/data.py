@@ -23,10 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..conventions import ALIGN_CORNERS, to_tensor
-from ..io import HistRegInputError, read_image
+from ..io import IMAGE_SUFFIXES, HistRegInputError, read_image
 from ..stages.preprocess import resample, to_grey
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".mha", ".mhd", ".bmp"}
 
 
 @dataclasses.dataclass
@@ -189,6 +187,21 @@ def prealigned_pairs(images: list[TrainingImage], device=None, nonrigid: str = "
                 if score >= 0.2:
                     pairs.append(AlignedPair(warped, tgt.grey, (src.name, tgt.name)))
     return pairs
+
+
+def grouped_prealigned_pairs(images: list[TrainingImage], progress=None) -> tuple[list[AlignedPair], list[list[int]]]:
+    """:func:`prealigned_pairs` (no non-rigid stage, on the CPU) and, per tissue block, the
+    indices of its pairs (so that samplers can draw a block first, then one of its pairs).
+    Both empty when no group holds two images."""
+    if not any(len(members) > 1 for members in groups(images).values()):
+        return [], []
+    group_of = {image.name: image.group for image in images}
+    pairs: list[AlignedPair] = []
+    by_group: dict[str, list[int]] = {}
+    for pair in prealigned_pairs(images, device="cpu", nonrigid="none", progress=progress):
+        by_group.setdefault(group_of[pair.names[1]], []).append(len(pairs))
+        pairs.append(pair)
+    return pairs, list(by_group.values())
 
 
 # --------------------------------------------------------------------------- random transforms

@@ -51,6 +51,7 @@ class TrainReport:
 
     @property
     def final_loss(self) -> float:
+        """Mean loss of the last tenth of the steps (nan without steps)."""
         tail = self.losses[-max(1, len(self.losses) // 10) :]
         return float(np.mean(tail)) if tail else float("nan")
 
@@ -132,18 +133,18 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    seconds = seconds_before + time.perf_counter() - started
+    report = TrainReport(weights, options.steps, seconds_before + time.perf_counter() - started, losses)
     model.eval()
     record = {
         "steps": options.steps,
         "seed": options.seed,
         "learning_rate": options.learning_rate,
-        "seconds": round(seconds, 1),
-        "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])) if losses else None,
+        "seconds": round(report.seconds, 1),
+        "final_loss": report.final_loss if losses else None,
         "torch": str(torch.__version__),
         "device": str(device),
     }
     record.update(meta or {})
     save_network(model, weights, record)
     state_file.unlink(missing_ok=True)
-    return TrainReport(weights, options.steps, seconds, losses)
+    return report

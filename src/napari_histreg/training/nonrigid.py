@@ -42,7 +42,7 @@ from ..networks.nonrigid import PatchFieldUNet
 from ..similarity import curvature, diffusion, local_ncc
 from ..stages.nonrigid import _level_shape, fold_patches
 from ..stages.preprocess import resample
-from .data import groups, jitter_intensity, jitter_stain, load_training_images, prealigned_pairs, random_smooth_field, working_grey
+from .data import grouped_prealigned_pairs, jitter_intensity, jitter_stain, load_training_images, random_smooth_field, working_grey
 from .loop import TrainOptions, TrainReport, train
 
 DEFAULT_OPTIONS = TrainOptions(steps=3500, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
@@ -89,15 +89,8 @@ class NonrigidSamples:
             for _ in range(config.stain_variants):
                 variants.append(working_grey(jitter_stain(image.rgb, rng, strength=0.08)))
             self.renderings.append(variants)
-        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pair_groups: list[list[int]] = []
-        if include_pairs and any(len(m) > 1 for m in groups(images).values()):
-            group_of = {image.name: image.group for image in images}
-            by_group: dict[str, list[int]] = {}
-            for pair in prealigned_pairs(images, device="cpu", nonrigid="none", progress=log):
-                by_group.setdefault(group_of[pair.names[1]], []).append(len(self.pairs))
-                self.pairs.append((pair.source, pair.target))
-            self.pair_groups = list(by_group.values())
+        pairs, self.pair_groups = grouped_prealigned_pairs(images, log) if include_pairs else ([], [])
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = [(p.source, p.target) for p in pairs]
         self._levels: dict[tuple, torch.Tensor] = {}
 
     def level(self, key: tuple, image: np.ndarray, size: int) -> torch.Tensor:

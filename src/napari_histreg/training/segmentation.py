@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from ..networks.segmentation import TissueUNet
+from ..stages.mask import _disk
 from .data import (
     TrainingImage,
     groups,
@@ -55,11 +56,6 @@ PSEUDO_LABEL_METHOD = (
 
 
 # --------------------------------------------------------------------------- pseudo-labels
-def _disk(radius: int) -> np.ndarray:
-    r = np.arange(-radius, radius + 1)
-    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2
-
-
 def pseudo_tissue_label(
     rgb: np.ndarray, darkness_margin: float = 0.03, saturation_margin: float = 0.04, min_fraction: float = 0.002
 ) -> np.ndarray:

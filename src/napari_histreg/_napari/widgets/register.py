@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 
-from ...pipeline import RegistrationConfig, register
+from ...pipeline import MASK_METHODS, MODES, RegistrationConfig, register
 from ...progress import report
 from ..layers import add_layers, image_ref, result_to_layers, snapshot
 from ._base import DEVICES, RunWidget, check_pair, layer_picker
@@ -84,7 +84,7 @@ class RegisterWidget(RunWidget):
         self.target = layer_picker(napari_viewer, "target (fixed)", ("image",), prefer="target")
         self.source_points = layer_picker(napari_viewer, "source landmarks", ("points",), nullable=True, prefer="source")
         self.mode = ComboBox(
-            value=defaults.mode, choices=["optimise", "learned", "hybrid"], label="mode",
+            value=defaults.mode, choices=list(MODES), label="mode",
             tooltip="optimise: instance optimisation (accurate); learned: the networks only (fastest); "
             "hybrid: networks, then a short optimisation",
         )
@@ -94,7 +94,7 @@ class RegisterWidget(RunWidget):
         self.use_initial = CheckBox(value=defaults.use_initial, text="initial alignment (rotation search)")
         self.use_affine = CheckBox(value=defaults.use_affine, text="affine")
         self.use_mask = CheckBox(value=defaults.use_mask, text="tissue mask")
-        self.mask_method = ComboBox(value=defaults.mask_method, choices=["otsu", "unet"], label="mask method")
+        self.mask_method = ComboBox(value=defaults.mask_method, choices=list(MASK_METHODS), label="mask method")
         self.nonrigid_method = ComboBox(value=defaults.nonrigid_method, choices=["dense", "patches", "none"], label="non-rigid")
         self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
         self.regularisation = FloatSpinBox(value=defaults.dense.regularisation, min=0.0, max=1000.0, step=0.5, label="regularisation")

@@ -268,11 +268,12 @@ class NonrigidWidget(_StageWidget):
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             start = affine_to_field(matrix, p.target.shape)[0].numpy()
-            if method.startswith("network"):
-                start = learned_nonrigid(p.source, p.target, start, None, device, progress)
             if method == "network":
-                field = start
-            elif method in ("dense", "network + dense"):
+                field = learned_nonrigid(p.source, p.target, start, None, device, progress)
+            elif method == "network + dense":  # as the pipeline's hybrid mode: the network starts the regularised residual
+                learned = learned_nonrigid(p.source, p.target, start, None, device, progress)
+                field = dense_nonrigid(p.source, p.target, start, dense, device, progress, initial_residual=learned - start)
+            elif method == "dense":
                 field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
             else:
                 field = patch_nonrigid(p.source, p.target, start, None, patches, device, progress)
@@ -292,7 +293,8 @@ class NonrigidWidget(_StageWidget):
         return f"non-rigid done (started from {started_from})"
 
 
-STAGE_METHODS = {"optimise": "instance optimisation", "network": "the affine network", "hybrid": "network, then a short optimisation"}
+#: Affine widget methods: instance optimisation, the affine network, the network then a short optimisation.
+STAGE_METHODS = ("optimise", "network", "hybrid")
 
 
 def _hybrid_affine() -> AffineConfig:
