@@ -777,27 +777,34 @@ def to_zarr_pyramid(
     try:
         writer = OmeZarrWriter(partial.partial, slide.shape, slide.channels, slide.dtype, chunk=chunk,
                                min_size=min_size, name=slide.name)
-        blocks = writer.blocks(0)
-        todo = [b for b in blocks if not partial.is_done(_block_key(0, b))]
-        count = len(blocks) - len(todo)
-        report(progress, "convert", count, len(blocks), slide.name)
-
         def one(block):
             rows, cols = block
             writer.write(0, rows, cols, slide.read_region(0, rows, cols))
 
-        def finished(block, _):
-            nonlocal count
-            partial.mark(_block_key(0, block))
-            count += 1
-            report(progress, "convert", count, len(blocks))
-
-        run_blocks(todo, one, workers, finished)
-        writer.build_pyramid(workers, progress, partial)
+        write_level0_and_pyramid(writer, partial, writer.blocks(0), one, workers, progress, "convert", slide.name)
         writer.finalise({"converted_from": str(slide.path or slide.name)})
         return partial.finish()
     finally:
         partial.close()
+
+
+def write_level0_and_pyramid(writer, partial, blocks, write_block: Callable, workers: int, progress: ProgressCallback,
+                             stage: str, message: str = "") -> None:
+    """Resumably fill level 0 of ``writer`` block by block (``write_block(block)``, on
+    ``workers`` threads; blocks ``partial`` already has are skipped, each finished one is marked
+    there and reported as ``stage``), then build the rest of the pyramid."""
+    todo = [b for b in blocks if not partial.is_done(_block_key(0, b))]
+    count = len(blocks) - len(todo)
+    report(progress, stage, count, len(blocks), message)
+
+    def finished(block, _):
+        nonlocal count
+        partial.mark(_block_key(0, block))
+        count += 1
+        report(progress, stage, count, len(blocks))
+
+    run_blocks(todo, write_block, workers, finished)
+    writer.build_pyramid(workers, progress, partial)
 
 
 def _block_key(level: int, block) -> str:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .conventions import ALIGN_CORNERS, field_between_frames, pixels_to_normalised, to_tensor
 from .io import HistRegInputError
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback
 from .result import RegistrationResult
 from .slide import (
     DEFAULT_CHUNK,
@@ -44,10 +44,9 @@ from .slide import (
     OmeZarrWriter,
     PartialOutput,
     Slide,
-    _block_key,
     open_slide,
-    run_blocks,
     transform_digest,
+    write_level0_and_pyramid,
     write_ome_tiff,
 )
 
@@ -279,11 +278,6 @@ def _warp_into(partial, result, slide, level, source_frame, target_frame, target
     def read_region(rows, cols):
         return slide.read_region(level, rows, cols)
 
-    blocks = writer.blocks(0, tile)
-    todo = [b for b in blocks if not partial.is_done(_block_key(0, b))]
-    count = len(blocks) - len(todo)
-    report(progress, "warp", count, len(blocks), f"{len(blocks)} tiles of {tile} px")
-
     def one(block):
         rows, cols = block
         with torch.no_grad():
@@ -293,14 +287,8 @@ def _warp_into(partial, result, slide, level, source_frame, target_frame, target
             writer.write(0, rows, cols, out)
         return out is not None
 
-    def finished(block, _):
-        nonlocal count
-        partial.mark(_block_key(0, block))
-        count += 1
-        report(progress, "warp", count, len(blocks))
-
-    run_blocks(todo, one, workers, finished)
-    writer.build_pyramid(workers, progress, partial)
+    blocks = writer.blocks(0, tile)
+    write_level0_and_pyramid(writer, partial, blocks, one, workers, progress, "warp", f"{len(blocks)} tiles of {tile} px")
     writer.finalise(
         {
             "warped_from": partial.job["source"],
