@@ -77,6 +77,54 @@ def test_learned_mode_on_a_real_pair_beats_its_own_affine(shared_data):
     assert errors["learned"] < errors["affine"]
 
 
+def test_a_failing_affine_network_is_caught_in_both_modes(sample, monkeypatch):
+    """A network that misleads (here: turns the pair upside down) is caught by the NCC check:
+    hybrid then runs the optimise mode's affine stage from the same start, learned keeps the
+    start."""
+    import napari_histreg.pipeline as pipeline
+
+    def upside_down(source, target, matrix, *args, **kwargs):
+        h, w = target.shape
+        flip = np.array([[-1.0, 0.0, h - 1.0], [0.0, -1.0, w - 1.0]])
+        return np.hstack([matrix[:, :2] @ flip[:, :2], (matrix[:, :2] @ flip[:, 2] + matrix[:, 2])[:, None]])
+
+    monkeypatch.setattr(pipeline, "learned_affine", upside_down)
+    learned = register(sample.source, sample.target, RegistrationConfig(mode="learned", nonrigid_method="none"))
+    hybrid = register(sample.source, sample.target, RegistrationConfig(mode="hybrid", nonrigid_method="none"))
+    optimise = register(sample.source, sample.target, RegistrationConfig(mode="optimise", nonrigid_method="none"))
+    rotation_search = register(sample.source, sample.target, RegistrationConfig(use_affine=False, nonrigid_method="none"))
+    # hybrid: the optimise mode's affine stage; learned: the rotation search's result kept
+    np.testing.assert_allclose(hybrid.info["matrix"], optimise.info["matrix"], atol=1e-9)
+    np.testing.assert_allclose(learned.info["matrix"], rotation_search.info["matrix"], atol=1e-9)
+    assert _median_rtre(hybrid, sample) < 0.006
+
+
+def test_hybrid_keeps_a_helpful_network_field_and_drops_a_harmful_one(sample, monkeypatch):
+    import napari_histreg.pipeline as pipeline
+
+    starts = []
+    dense = pipeline.dense_nonrigid
+
+    def spy(source, target, field, config, device, progress, initial_residual=None):
+        starts.append(initial_residual)
+        return dense(source, target, field, config, device, progress, initial_residual=initial_residual)
+
+    monkeypatch.setattr(pipeline, "dense_nonrigid", spy)
+    good = register(sample.source, sample.target, mode="hybrid")
+    assert np.abs(starts[-1]).max() > 0.5  # the network's field starts the optimisation
+
+    rng = np.random.default_rng(0)
+
+    def scrambled(source, target, field, *args, **kwargs):
+        return field + rng.normal(0, 8, field.shape).astype(np.float32)
+
+    monkeypatch.setattr(pipeline, "learned_nonrigid", scrambled)
+    bad = register(sample.source, sample.target, mode="hybrid")
+    assert np.abs(starts[-1]).max() == 0  # dropped: the optimisation starts from the affine alone
+    assert _median_rtre(bad, sample) < 0.006
+    assert _median_rtre(good, sample) < 0.006
+
+
 def test_unet_mask_in_the_pipeline(sample):
     result = register(sample.source, sample.target, RegistrationConfig(use_mask=True, mask_method="unet", nonrigid_method="none"))
     assert "mask" in result.timings

@@ -13,6 +13,19 @@ import torch.nn.functional as F
 _EPS = 1e-6
 
 
+def warped_ncc(source, target, field, device=None) -> float:
+    """Global NCC of ``source`` warped by the backward pixel ``field`` ``(2, H, W)`` with
+    ``target`` ``(H, W)`` (arrays or tensors, one working grid): how well a transform aligns
+    the pair, the score by which ``hybrid`` mode accepts a network's proposal."""
+    from .conventions import to_tensor, warp
+
+    device = torch.device(device or "cpu")
+    src = to_tensor(source, device=device)[None, None]
+    tgt = to_tensor(target, device=device)[None, None]
+    with torch.no_grad():
+        return float(ncc(warp(src, to_tensor(field, device=device)[None]), tgt)[0])
+
+
 def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Global normalised cross-correlation per batch item, in ``[-1, 1]``.
 

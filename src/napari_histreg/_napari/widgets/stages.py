@@ -16,6 +16,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
 from ...conventions import affine_to_field
+from ...pipeline import RegistrationConfig, hybrid_affine, hybrid_nonrigid
 from ...progress import report
 from ...result import RegistrationResult
 from ...stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
@@ -200,10 +201,12 @@ class AffineWidget(_StageWidget):
     def prepare(self):
         source, target, device = self._inputs()
         method = self.method.value
-        d = _hybrid_affine() if method == "hybrid" else AffineConfig()
-        config = dataclasses.replace(
-            d, iterations=scaled(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value)
+        hybrid = RegistrationConfig()
+        hybrid.affine, hybrid.hybrid_affine = (
+            dataclasses.replace(d, iterations=scaled(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value))
+            for d in (hybrid.affine, hybrid.hybrid_affine)
         )
+        config = hybrid.affine
         pair, key, pconfig, mask = self._pair_plan(source, target)
         start = IDENTITY
         started_from = "identity"
@@ -213,11 +216,12 @@ class AffineWidget(_StageWidget):
 
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
-            matrix = start
-            if method != "optimise":
-                matrix = learned_affine(p.source, p.target, matrix, LearnedAffineConfig(), device, progress)
-            if method != "network":
-                matrix = optimise_affine(p.source, p.target, matrix, config, device, progress)
+            if method == "optimise":
+                matrix = optimise_affine(p.source, p.target, start, config, device, progress)
+            elif method == "network":
+                matrix = learned_affine(p.source, p.target, start, LearnedAffineConfig(), device, progress)
+            else:  # exactly the pipeline's hybrid affine stage, with this widget's schedule
+                matrix = hybrid_affine(p.source, p.target, start, hybrid, device, progress)
             result = _affine_result(p, matrix, "affine")
             report(progress, "layers", 0, 1, "warping the source")
             layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
@@ -270,9 +274,8 @@ class NonrigidWidget(_StageWidget):
             start = affine_to_field(matrix, p.target.shape)[0].numpy()
             if method == "network":
                 field = learned_nonrigid(p.source, p.target, start, None, device, progress)
-            elif method == "network + dense":  # as the pipeline's hybrid mode: the network starts the regularised residual
-                learned = learned_nonrigid(p.source, p.target, start, None, device, progress)
-                field = dense_nonrigid(p.source, p.target, start, dense, device, progress, initial_residual=learned - start)
+            elif method == "network + dense":  # exactly the pipeline's hybrid non-rigid stage
+                field = hybrid_nonrigid(p.source, p.target, start, RegistrationConfig(hybrid_dense=dense), device, progress)
             elif method == "dense":
                 field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
             else:
@@ -295,12 +298,6 @@ class NonrigidWidget(_StageWidget):
 
 #: Affine widget methods: instance optimisation, the affine network, the network then a short optimisation.
 STAGE_METHODS = ("optimise", "network", "hybrid")
-
-
-def _hybrid_affine() -> AffineConfig:
-    from ...pipeline import RegistrationConfig
-
-    return RegistrationConfig().hybrid_affine
 
 
 def _affine_result(pair: PreparedPair, matrix, stage: str) -> RegistrationResult:

@@ -1,0 +1,75 @@
+"""benchmarks/validation.py: the landmark-free validation set (known warps of two stain
+renderings of one section). Its ground truth must be the registration's convention: a
+registration recovers it, no registration and the reversed mapping do not."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def validation():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import validation
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return validation
+
+
+def _kidney(shared_data, size):
+    from napari_histreg.io import read_image
+    from napari_histreg.training.data import _rgb_float, resize_rgb
+
+    return [("kidney", resize_rgb(_rgb_float(read_image(shared_data / "rat-kidney" / "Rat-Kidney_PanCytokeratin.jpg")), size))]
+
+
+def test_renderings_are_aligned_and_different(shared_data, validation):
+    (_, rgb), = _kidney(shared_data, 256)
+    haematoxylin, others = validation.stain_renderings(rgb)
+    assert haematoxylin.shape == others.shape == rgb.shape
+    grey_h, grey_o = haematoxylin.mean(-1), others.mean(-1)
+    correlation = np.corrcoef(grey_h.ravel(), grey_o.ravel())[0, 1]
+    assert 0.2 < correlation < 0.98  # one section (related), two stains (not the same image)
+
+
+def test_known_warp_is_recovered_and_its_direction_matters(shared_data, validation):
+    from napari_histreg import register
+    from napari_histreg.metrics import rtre
+
+    pair, = validation.make_pairs(_kidney(shared_data, 512), warps=1, seed=0)
+    assert len(pair["source_rc"]) > 100
+    before = np.median(rtre(pair["source_rc"], pair["target_rc"], pair["target"].shape[:2]))
+    result = register(pair["source"], pair["target"], mode="optimise")
+    after = validation.score(result, pair)["MrTRE"]
+    reversed_ = np.median(rtre(result.map_target_points(pair["source_rc"]), pair["target_rc"], pair["target"].shape[:2]))
+    assert before > 0.02
+    assert after < 0.002, f"the known warp was not recovered ({before:.4f} -> {after:.4f})"
+    assert reversed_ > 10 * after
+
+
+def test_command_writes_its_table(shared_data, validation, tmp_path, capsys):
+    kidney = shared_data / "rat-kidney"
+    table = tmp_path / "table.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Source image", "Target image"])
+        writer.writerow([kidney / "Rat-Kidney_PanCytokeratin.jpg", kidney / "Rat-Kidney_HE.jpg"])
+    out = tmp_path / "out"
+    code = validation.main(["--table", str(table), "--size", "320", "--warps", "1", "--method", "optimise",
+                            "--method", 'affine-only={"nonrigid_method": "none"}', "--out", str(out), "-q"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "validation.csv")))
+    assert {r["method"] for r in rows} == {"optimise", "affine-only"}
+    assert len(rows) == 2 * 3  # two kidney images + scikit-image's, one warp each
+    summary = json.loads((out / "validation.json").read_text())["summary"]
+    assert set(summary) == {"optimise", "affine-only"}
+    assert "AMrTRE" in capsys.readouterr().out
