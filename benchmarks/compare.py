@@ -82,16 +82,16 @@ class Method:
 
 #: Every method the benchmark runs, in table order. This project's modes first.
 METHODS: list[Method] = [
-    Method("histreg-dense", "histreg", "initial rotation search + affine + dense instance optimisation (LNCC + diffusion)",
-           config={"nonrigid_method": "dense"}),
-    Method("histreg-patches", "histreg", "initial rotation search + affine + patch-group non-rigid engine",
-           config={"nonrigid_method": "patches"}),
-    Method("histreg-affine", "histreg", "initial rotation search + affine only (no non-rigid stage)",
-           config={"nonrigid_method": "none"}),
+    Method("histreg-hybrid", "histreg", "default: networks, then the affine and dense instance optimisation from "
+           "their result (each network proposal kept only if it does not lower NCC)", config={"mode": "hybrid"}),
+    Method("histreg-dense", "histreg", "optimise mode: initial rotation search + affine + dense instance optimisation "
+           "(LNCC + diffusion)", config={"mode": "optimise", "nonrigid_method": "dense"}),
+    Method("histreg-patches", "histreg", "optimise mode: initial rotation search + affine + patch-group non-rigid engine",
+           config={"mode": "optimise", "nonrigid_method": "patches"}),
+    Method("histreg-affine", "histreg", "optimise mode: initial rotation search + affine only (no non-rigid stage)",
+           config={"mode": "optimise", "nonrigid_method": "none"}),
     Method("histreg-learned", "histreg", "initial rotation search + affine network + patch-group non-rigid network",
            config={"mode": "learned"}),
-    Method("histreg-hybrid", "histreg", "networks, then a short affine and dense instance optimisation",
-           config={"mode": "hybrid"}),
     Method("histreg-learned-affine", "histreg", "initial rotation search + affine network only (no non-rigid stage)",
            config={"mode": "learned", "nonrigid_method": "none"}),
     Method(REFERENCE, "elastix", "elastix default parameter maps: affine, then B-spline (no initial transform)"),

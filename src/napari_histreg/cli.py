@@ -66,9 +66,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                        help="where to compute: auto picks cuda, then mps, then cpu (default: auto)")
     group.add_argument("--seed", type=int, default=0, help="random seed, for reproducible results (default: 0)")
-    group.add_argument("--mode", default=None, choices=("optimise", "learned", "hybrid"),
-                       help="optimise: instance optimisation only; learned: the shipped networks only (fastest); "
-                            "hybrid: networks, then a short optimisation (default: the configuration's default)")
+    group.add_argument("--mode", default=None, choices=("hybrid", "optimise", "learned"),
+                       help="hybrid: the shipped networks, then the instance optimisation from their result (the "
+                            "most accurate); optimise: instance optimisation only; learned: the networks only "
+                            "(fastest) (default: the configuration's default, hybrid)")
     group.add_argument("--mask", default=None, choices=("none", "otsu", "unet"),
                        help="set the background outside a tissue mask to 0 before aligning: none, Otsu threshold, "
                             "or the tissue U-Net (default: the configuration's default, none)")

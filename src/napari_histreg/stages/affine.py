@@ -85,7 +85,7 @@ class LearnedAffineConfig:
     0.06 / 0.11 / 0.16 s (symmetric) on a busy CPU. Symmetric passes return the identity for
     identical images. The default, two symmetric passes, was chosen on the landmark-free
     validation set of ``benchmarks/validation.py`` (16 cross-stain pairs under known warps,
-    seeds 0 and 1): ``learned`` mode AArTRE 0.0417 / 0.0439 with one pass, 0.0399 / 0.0407
+    seeds 0 and 1): ``learned`` mode AArTRE 0.0422 / 0.0443 with one pass, 0.0406 / 0.0418
     with two, and in ``hybrid`` mode two passes rescue a lung pair one pass leaves misaligned
     (0.031 -> 0.0002)."""
 

@@ -86,7 +86,7 @@ class RegisterWidget(RunWidget):
         self.mode = ComboBox(
             value=defaults.mode, choices=list(MODES), label="mode",
             tooltip="optimise: instance optimisation (accurate); learned: the networks only (fastest); "
-            "hybrid: networks, then a short optimisation",
+            "hybrid (default): networks, then the optimisation from their result",
         )
         self.show_vectors = CheckBox(value=True, text="show deformation arrows")
         self.show_advanced = CheckBox(value=False, text="advanced settings")

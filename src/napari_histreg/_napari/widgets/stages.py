@@ -186,7 +186,8 @@ class InitialAlignmentWidget(_StageWidget):
 
 class AffineWidget(_StageWidget):
     """The affine network, or optimisation of the six affine parameters (-NCC on a pyramid), or
-    the network followed by a short optimisation, from the initial alignment."""
+    the network followed by a short optimisation (as ``hybrid`` mode runs it, falling back to the
+    full optimisation if the network's start is clearly worse), from the initial alignment."""
 
     stages = ("preprocess", "affine", "layers")
 
@@ -296,7 +297,7 @@ class NonrigidWidget(_StageWidget):
         return f"non-rigid done (started from {started_from})"
 
 
-#: Affine widget methods: instance optimisation, the affine network, the network then a short optimisation.
+#: Affine widget methods: instance optimisation, the affine network, hybrid mode's network + short optimisation.
 STAGE_METHODS = ("optimise", "network", "hybrid")
 
 
