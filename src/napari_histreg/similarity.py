@@ -32,15 +32,18 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
     ``mask`` (broadcastable to ``a``) weights the pixels; ``None`` means all pixels count.
     """
     dims = tuple(range(1, a.ndim))
-    if mask is None:
-        mask = torch.ones_like(a)
-    mask = mask.expand_as(a)
-    weight = mask.sum(dim=dims).clamp_min(_EPS)
-    mean_a = (a * mask).sum(dim=dims) / weight
-    mean_b = (b * mask).sum(dim=dims) / weight
     shape = (-1,) + (1,) * (a.ndim - 1)
-    da = (a - mean_a.view(shape)) * mask
-    db = (b - mean_b.view(shape)) * mask
+    if mask is None:  # the same numbers as an all-ones mask, without its four full-size products
+        weight = torch.full(a.shape[:1], float(a[0].numel()), dtype=a.dtype, device=a.device).clamp_min(_EPS)
+        da = a - (a.sum(dim=dims) / weight).view(shape)
+        db = b - (b.sum(dim=dims) / weight).view(shape)
+    else:
+        mask = mask.expand_as(a)
+        weight = mask.sum(dim=dims).clamp_min(_EPS)
+        mean_a = (a * mask).sum(dim=dims) / weight
+        mean_b = (b * mask).sum(dim=dims) / weight
+        da = (a - mean_a.view(shape)) * mask
+        db = (b - mean_b.view(shape)) * mask
     num = (da * db).sum(dim=dims)
     den = torch.sqrt((da * da).sum(dim=dims) * (db * db).sum(dim=dims)).clamp_min(_EPS)
     return num / den

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conventions import ALIGN_CORNERS, affine_to_field, identity_grid, pixels_to_normalised, rotation_about, warp
+from ..conventions import ALIGN_CORNERS, affine_to_field, identity_grid, rotation_about, warp
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
 from .preprocess import resample
@@ -71,7 +71,8 @@ def _score_angles(source, target, angles_deg, center_t, center_s, batch_size, de
         # s = R (p - c_t) + c_s with R = [[cos, -sin], [sin, cos]] on (row, col)
         rows = cos * rel[0] - sin * rel[1] + float(center_s[0])
         cols = sin * rel[0] + cos * rel[1] + float(center_s[1])
-        sample = pixels_to_normalised(torch.stack((rows, cols), dim=-1), (h, w))
+        # pixels_to_normalised's formula, applied to each component before one stack
+        sample = torch.stack((2.0 * cols / max(w - 1, 1) - 1.0, 2.0 * rows / max(h - 1, 1) - 1.0), dim=-1)
         warped = F.grid_sample(
             source.expand(len(chunk), -1, -1, -1), sample, mode="bilinear", padding_mode="zeros",
             align_corners=ALIGN_CORNERS,
