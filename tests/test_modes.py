@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -89,8 +91,10 @@ def test_a_failing_affine_network_is_caught_in_both_modes(sample, monkeypatch):
         return np.hstack([matrix[:, :2] @ flip[:, :2], (matrix[:, :2] @ flip[:, 2] + matrix[:, 2])[:, None]])
 
     monkeypatch.setattr(pipeline, "learned_affine", upside_down)
-    learned = register(sample.source, sample.target, RegistrationConfig(mode="learned", nonrigid_method="none"))
-    hybrid = register(sample.source, sample.target, RegistrationConfig(mode="hybrid", nonrigid_method="none"))
+    with pytest.warns(pipeline.NetworkProposalRejected, match="affine network.*keeping the start"):
+        learned = register(sample.source, sample.target, RegistrationConfig(mode="learned", nonrigid_method="none"))
+    with pytest.warns(pipeline.NetworkProposalRejected, match="optimising the affine from the start"):
+        hybrid = register(sample.source, sample.target, RegistrationConfig(mode="hybrid", nonrigid_method="none"))
     optimise = register(sample.source, sample.target, RegistrationConfig(mode="optimise", nonrigid_method="none"))
     rotation_search = register(sample.source, sample.target, RegistrationConfig(use_affine=False, nonrigid_method="none"))
     # hybrid: the optimise mode's affine stage; learned: the rotation search's result kept
@@ -110,7 +114,9 @@ def test_hybrid_keeps_a_helpful_network_field_and_drops_a_harmful_one(sample, mo
         return dense(source, target, field, config, device, progress, initial_residual=initial_residual)
 
     monkeypatch.setattr(pipeline, "dense_nonrigid", spy)
-    good = register(sample.source, sample.target, mode="hybrid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pipeline.NetworkProposalRejected)  # the real networks are not rejected here
+        good = register(sample.source, sample.target, mode="hybrid")
     assert np.abs(starts[-1]).max() > 0.5  # the network's field starts the optimisation
 
     rng = np.random.default_rng(0)
@@ -119,7 +125,8 @@ def test_hybrid_keeps_a_helpful_network_field_and_drops_a_harmful_one(sample, mo
         return field + rng.normal(0, 8, field.shape).astype(np.float32)
 
     monkeypatch.setattr(pipeline, "learned_nonrigid", scrambled)
-    bad = register(sample.source, sample.target, mode="hybrid")
+    with pytest.warns(pipeline.NetworkProposalRejected, match="non-rigid network.*from the affine alignment alone"):
+        bad = register(sample.source, sample.target, mode="hybrid")
     assert np.abs(starts[-1]).max() == 0  # dropped: the optimisation starts from the affine alone
     assert _median_rtre(bad, sample) < 0.006
     assert _median_rtre(good, sample) < 0.006

@@ -124,22 +124,44 @@ def _ncc_of_affine(source, target, matrix, device) -> float:
     return warped_ncc(source, target, affine_to_field(matrix, target.shape, device=device)[0], device)
 
 
+class NetworkProposalRejected(UserWarning):
+    """A network's proposal aligned the pair clearly worse (global NCC, :func:`clearly_worse`)
+    than what it would have replaced, and the pipeline fell back (the message says to what)."""
+
+
+def _rejected(what: str, proposal_ncc: float, start: str, start_ncc: float, fallback: str) -> bool:
+    """:func:`clearly_worse`, telling the user (a :class:`NetworkProposalRejected` warning:
+    stderr on the command line, a notification in napari) when it is."""
+    if not clearly_worse(proposal_ncc, start_ncc):
+        return False
+    warnings.warn(
+        f"{what} aligns the pair clearly worse than {start} (NCC {proposal_ncc:.3f} vs {start_ncc:.3f}): {fallback}",
+        NetworkProposalRejected, stacklevel=3,
+    )
+    return True
+
+
 def checked_learned_affine(source, target, matrix, config: "RegistrationConfig", device=None, progress: ProgressCallback = None) -> np.ndarray:
     """``learned`` mode's affine stage: the affine network from ``matrix``, unless its
     result aligns clearly worse than ``matrix`` (:func:`clearly_worse`), which is then kept.
     (On scikit-image's IHC image, all tissue and no glass, unlike the training sections, the
     network lowers NCC from 0.76 to 0.70 and would triple the error of the rotation search.)"""
     proposal = learned_affine(source, target, matrix, config.learned_affine, device, progress)
-    if clearly_worse(_ncc_of_affine(source, target, proposal, device), _ncc_of_affine(source, target, matrix, device)):
+    if _rejected("the affine network's result", _ncc_of_affine(source, target, proposal, device),
+                 "its start", _ncc_of_affine(source, target, matrix, device), "keeping the start"):
         return np.asarray(matrix, dtype=np.float64)
     return proposal
 
 
-def checked_learned_nonrigid(source, target, field, config: "RegistrationConfig", device=None, progress: ProgressCallback = None) -> np.ndarray:
+def checked_learned_nonrigid(source, target, field, config: "RegistrationConfig", device=None, progress: ProgressCallback = None,
+                             fallback: str = "keeping the affine alignment") -> np.ndarray:
     """``learned`` mode's non-rigid stage: the patch-group network from the affine ``field``,
     unless its field aligns clearly worse than ``field`` (:func:`clearly_worse`)."""
     proposal = learned_nonrigid(source, target, field, config.learned_nonrigid, device, progress)
-    return field if clearly_worse(warped_ncc(source, target, proposal, device), warped_ncc(source, target, field, device)) else proposal
+    if _rejected("the non-rigid network's field", warped_ncc(source, target, proposal, device),
+                 "the affine alignment", warped_ncc(source, target, field, device), fallback):
+        return field
+    return proposal
 
 
 def hybrid_affine(source, target, matrix, config: "RegistrationConfig", device=None, progress: ProgressCallback = None) -> np.ndarray:
@@ -150,7 +172,8 @@ def hybrid_affine(source, target, matrix, config: "RegistrationConfig", device=N
     instead."""
     proposal = learned_affine(source, target, matrix, config.learned_affine, device, progress)
     refined = optimise_affine(source, target, proposal, config.hybrid_affine, device, progress)
-    if clearly_worse(_ncc_of_affine(source, target, refined, device), _ncc_of_affine(source, target, matrix, device)):
+    if _rejected("the affine network's result, even refined,", _ncc_of_affine(source, target, refined, device),
+                 "its start", _ncc_of_affine(source, target, matrix, device), "optimising the affine from the start instead"):
         return optimise_affine(source, target, matrix, config.affine, device, progress)
     return refined
 
@@ -161,7 +184,8 @@ def hybrid_nonrigid(source, target, field, config: "RegistrationConfig", device=
     engine (``config.hybrid_dense``), or the patch engine when ``config.nonrigid_method`` is
     ``"patches"``. A network field clearly worse than ``field`` (:func:`clearly_worse`) is
     dropped and the optimisation starts from ``field`` alone."""
-    proposal = checked_learned_nonrigid(source, target, field, config, device, progress)
+    proposal = checked_learned_nonrigid(source, target, field, config, device, progress,
+                                        fallback="optimising the non-rigid field from the affine alignment alone")
     if config.nonrigid_method == "patches":
         return patch_nonrigid(source, target, proposal, None, config.patches, device, progress)
     # The network's part starts the optimised residual rather than being frozen into the
