@@ -105,8 +105,8 @@ class RegistrationConfig:
         return dataclasses.asdict(self)
 
 
-#: ``hybrid`` mode rejects a network's proposal when its global NCC is lower than that of the
-#: alignment it would replace by more than this. A margin, not a strict comparison: global
+#: ``hybrid`` and ``learned`` modes reject a network's proposal when its global NCC is lower than
+#: that of the alignment it would replace by more than this. A margin, not a strict comparison: global
 #: NCC is a coarse judge, whose small differences are noise (the learned affine of the
 #: CC10 -> H&E pair scores 0.703 against the rigid start's 0.704 yet ends better aligned after
 #: the non-rigid stage; near-perfect same-image pairs differ in the fourth decimal), so only a
