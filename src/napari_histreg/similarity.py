@@ -16,7 +16,7 @@ _EPS = 1e-6
 def warped_ncc(source, target, field, device=None) -> float:
     """Global NCC of ``source`` warped by the backward pixel ``field`` ``(2, H, W)`` with
     ``target`` ``(H, W)`` (arrays or tensors, one working grid): how well a transform aligns
-    the pair, the score by which ``hybrid`` mode accepts a network's proposal."""
+    the pair, the score by which ``hybrid`` and ``learned`` modes accept a network's proposal."""
     from .conventions import to_tensor, warp
 
     device = torch.device(device or "cpu")

@@ -16,12 +16,11 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
 from ...conventions import affine_to_field
-from ...pipeline import RegistrationConfig, hybrid_affine, hybrid_nonrigid
+from ...pipeline import RegistrationConfig, checked_learned_affine, checked_learned_nonrigid, hybrid_affine, hybrid_nonrigid
 from ...progress import report
 from ...result import RegistrationResult
-from ...stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
+from ...stages.affine import AffineConfig, optimise_affine
 from ...stages.initial import InitialAlignmentConfig, initial_alignment
-from ...stages.learned_nonrigid import learned_nonrigid
 from ...stages.mask import otsu_tissue_mask
 from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
@@ -202,12 +201,11 @@ class AffineWidget(_StageWidget):
     def prepare(self):
         source, target, device = self._inputs()
         method = self.method.value
-        hybrid = RegistrationConfig()
-        hybrid.affine, hybrid.hybrid_affine = (
+        settings = RegistrationConfig()  # this widget's schedule in both of the affine optimisations
+        settings.affine, settings.hybrid_affine = (
             dataclasses.replace(d, iterations=scaled(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value))
-            for d in (hybrid.affine, hybrid.hybrid_affine)
+            for d in (settings.affine, settings.hybrid_affine)
         )
-        config = hybrid.affine
         pair, key, pconfig, mask = self._pair_plan(source, target)
         start = IDENTITY
         started_from = "identity"
@@ -217,12 +215,13 @@ class AffineWidget(_StageWidget):
 
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
+            # exactly the pipeline's affine stage of each mode, with this widget's schedule
             if method == "optimise":
-                matrix = optimise_affine(p.source, p.target, start, config, device, progress)
+                matrix = optimise_affine(p.source, p.target, start, settings.affine, device, progress)
             elif method == "network":
-                matrix = learned_affine(p.source, p.target, start, LearnedAffineConfig(), device, progress)
-            else:  # exactly the pipeline's hybrid affine stage, with this widget's schedule
-                matrix = hybrid_affine(p.source, p.target, start, hybrid, device, progress)
+                matrix = checked_learned_affine(p.source, p.target, start, settings, device, progress)
+            else:
+                matrix = hybrid_affine(p.source, p.target, start, settings, device, progress)
             result = _affine_result(p, matrix, "affine")
             report(progress, "layers", 0, 1, "warping the source")
             layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
@@ -273,8 +272,8 @@ class NonrigidWidget(_StageWidget):
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             start = affine_to_field(matrix, p.target.shape)[0].numpy()
-            if method == "network":
-                field = learned_nonrigid(p.source, p.target, start, None, device, progress)
+            if method == "network":  # exactly the pipeline's learned non-rigid stage
+                field = checked_learned_nonrigid(p.source, p.target, start, RegistrationConfig(), device, progress)
             elif method == "network + dense":  # exactly the pipeline's hybrid non-rigid stage
                 field = hybrid_nonrigid(p.source, p.target, start, RegistrationConfig(hybrid_dense=dense), device, progress)
             elif method == "dense":
