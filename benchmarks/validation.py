@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,13 +50,12 @@ DEFAULT_METHODS = {
 def stain_renderings(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two renderings of one RGB section in ``[0, 1]``: haematoxylin alone, and eosin + DAB
     over half the haematoxylin (a counterstain)."""
-    from skimage.color import hed2rgb, rgb2hed
+    from skimage.color import rgb2hed
+
+    from napari_histreg.training.data import render_stains
 
     hed = rgb2hed(np.clip(rgb, 1e-4, 1.0))
-    zeros = np.zeros_like(hed[..., 0])
-    haematoxylin = hed2rgb(np.stack([hed[..., 0], zeros, zeros], axis=-1))
-    others = hed2rgb(np.stack([hed[..., 0] * 0.5, hed[..., 1], hed[..., 2]], axis=-1))
-    return haematoxylin.astype(np.float32), others.astype(np.float32)
+    return render_stains(hed, (1.0, 0.0, 0.0)), render_stains(hed, (0.5, 1.0, 1.0))
 
 
 def known_field(rng: np.random.Generator, shape, rotation=20.0, scale=0.1, shear=0.05, translation=0.05,
@@ -124,12 +122,13 @@ def make_pairs(images: list[tuple[str, np.ndarray]], warps: int, seed: int) -> l
 
 
 def score(result, pair) -> dict:
-    from napari_histreg.metrics import rtre
+    """The ANHIR metrics of one registered pair (as ``histreg evaluate`` records them)."""
+    from napari_histreg.metrics import pair_metrics
 
-    mapped = result.map_source_points(pair["source_rc"])
-    errors = rtre(mapped, pair["target_rc"], pair["target"].shape[:2])
-    return {"MrTRE": float(np.median(errors)), "mean_rTRE": float(np.mean(errors)),
-            "p90_rTRE": float(np.percentile(errors, 90)), "n_points": int(len(errors))}
+    m = pair_metrics(pair["source_rc"], result.map_source_points(pair["source_rc"]), pair["target_rc"],
+                     pair["target"].shape[:2])
+    return {"MrTRE": m["median_rtre"], "mean_rTRE": m["mean_rtre"], "max_rTRE": m["max_rtre"],
+            "initial_MrTRE": m["initial_median_rtre"], "robustness": m["robustness"], "n_points": m["n_landmarks"]}
 
 
 def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> list[dict]:
@@ -138,7 +137,7 @@ def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> l
 
     rows = []
     for name, overrides in methods.items():
-        config = apply_overrides(RegistrationConfig(), json.loads(json.dumps(overrides)), name)
+        config = apply_overrides(RegistrationConfig(), overrides, name)
         pipeline = Pipeline(config, device=device)
         pipeline.run(pairs[0]["source"], pairs[0]["target"])  # warm-up: network loading, first-call costs
         for pair in pairs:
@@ -154,14 +153,11 @@ def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> l
 
 
 def summarise(rows: list[dict]) -> dict:
-    out = {}
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
-        medians = [r["MrTRE"] for r in mine]
-        out[name] = {"AMrTRE": statistics.fmean(medians), "MMrTRE": statistics.median(medians),
-                     "AArTRE": statistics.fmean(r["mean_rTRE"] for r in mine),
-                     "median_seconds": statistics.median(r["seconds"] for r in mine), "pairs": len(mine)}
-    return out
+    """Per method: :func:`napari_histreg.evaluate.summarise_rows` (AMrTRE, MMrTRE, AArTRE, ...)."""
+    from napari_histreg.evaluate import summarise_rows
+
+    methods = dict.fromkeys(r["method"] for r in rows)
+    return {name: summarise_rows([r for r in rows if r["method"] == name]) for name in methods}
 
 
 def main(argv=None) -> int:

@@ -61,15 +61,6 @@ def _hybrid_affine_config():
     return AffineConfig(levels=(256, 384), iterations=(20, 15))
 
 
-def _hybrid_dense_config():
-    # The full dense schedule. Chosen on the landmark-free validation set of
-    # benchmarks/validation.py (cross-stain renderings of one section under known warps, 16
-    # pairs, seeds 0 and 1), never on the expert landmarks: from the network's field, half the
-    # iterations (30, 25, 15) gave AArTRE 0.0404 / 0.0439, the full (60, 40, 20) 0.0402 / 0.0437
-    # and lower per-pair medians on 26 of 32 pairs (3 ties, 3 higher).
-    return DenseConfig()
-
-
 @dataclasses.dataclass
 class RegistrationConfig:
     """Every parameter of the pipeline.
@@ -93,7 +84,12 @@ class RegistrationConfig:
     learned_affine: LearnedAffineConfig = dataclasses.field(default_factory=LearnedAffineConfig)
     learned_nonrigid: LearnedNonrigidConfig = dataclasses.field(default_factory=LearnedNonrigidConfig)
     hybrid_affine: AffineConfig = dataclasses.field(default_factory=_hybrid_affine_config)
-    hybrid_dense: DenseConfig = dataclasses.field(default_factory=_hybrid_dense_config)
+    # The full dense schedule, like ``dense``. Chosen on the landmark-free validation set of
+    # benchmarks/validation.py (cross-stain renderings of one section under known warps, 16
+    # pairs, seeds 0 and 1), never on the expert landmarks: from the network's field, half the
+    # iterations (30, 25, 15) gave AArTRE 0.0404 / 0.0439, the full (60, 40, 20) 0.0402 / 0.0437
+    # and lower per-pair medians on 26 of 32 pairs (3 ties, 3 higher).
+    hybrid_dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
     mode: str = "hybrid"
     use_mask: bool = False
     mask_method: str = "otsu"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .conventions import to_tensor, warp
+
 _EPS = 1e-6
 
 
@@ -17,8 +19,6 @@ def warped_ncc(source, target, field, device=None) -> float:
     """Global NCC of ``source`` warped by the backward pixel ``field`` ``(2, H, W)`` with
     ``target`` ``(H, W)`` (arrays or tensors, one working grid): how well a transform aligns
     the pair, the score by which ``hybrid`` and ``learned`` modes accept a network's proposal."""
-    from .conventions import to_tensor, warp
-
     device = torch.device(device or "cpu")
     src = to_tensor(source, device=device)[None, None]
     tgt = to_tensor(target, device=device)[None, None]
@@ -34,9 +34,9 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
     dims = tuple(range(1, a.ndim))
     shape = (-1,) + (1,) * (a.ndim - 1)
     if mask is None:  # the same numbers as an all-ones mask, without its four full-size products
-        weight = torch.full(a.shape[:1], float(a[0].numel()), dtype=a.dtype, device=a.device).clamp_min(_EPS)
-        da = a - (a.sum(dim=dims) / weight).view(shape)
-        db = b - (b.sum(dim=dims) / weight).view(shape)
+        count = a[0].numel()
+        da = a - (a.sum(dim=dims) / count).view(shape)
+        db = b - (b.sum(dim=dims) / count).view(shape)
     else:
         mask = mask.expand_as(a)
         weight = mask.sum(dim=dims).clamp_min(_EPS)

@@ -119,16 +119,22 @@ def skimage_images(size: int = 512) -> list[TrainingImage]:
     section (haematoxylin alone; DAB with its counterstain): a cross-stain pair that is
     aligned by construction."""
     from skimage import data
-    from skimage.color import hed2rgb, rgb2hed
+    from skimage.color import rgb2hed
 
     hed = rgb2hed(data.immunohistochemistry())
-    zeros = np.zeros_like(hed[..., 0])
-    h_only = hed2rgb(np.stack([hed[..., 0], zeros, zeros], axis=-1))
-    dab = hed2rgb(np.stack([hed[..., 0] * 0.5, zeros, hed[..., 2]], axis=-1))
     return [
-        make_training_image(h_only.astype(np.float32), "skimage:ihc-haematoxylin", "skimage:ihc", size),
-        make_training_image(dab.astype(np.float32), "skimage:ihc-dab", "skimage:ihc", size),
+        make_training_image(render_stains(hed, (1.0, 0.0, 0.0)), "skimage:ihc-haematoxylin", "skimage:ihc", size),
+        make_training_image(render_stains(hed, (0.5, 0.0, 1.0)), "skimage:ihc-dab", "skimage:ihc", size),
     ]
+
+
+def render_stains(hed: np.ndarray, amounts) -> np.ndarray:
+    """RGB ``(H, W, 3)`` float32 in ``[0, 1]`` of the stain concentrations ``hed`` (from
+    :func:`skimage.color.rgb2hed`) with each stain scaled by ``amounts`` (haematoxylin, eosin,
+    DAB; 0 leaves a stain out): one section rendered as if stained differently."""
+    from skimage.color import hed2rgb
+
+    return hed2rgb(hed * np.asarray(amounts, dtype=hed.dtype)).astype(np.float32)
 
 
 def load_training_images(data=None, size: int = 512, include_skimage: bool = True) -> list[TrainingImage]:
