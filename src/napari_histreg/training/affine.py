@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from .data import (
     random_affine,
     working_grey,
 )
-from .loop import TrainOptions, TrainReport, train
+from .loop import TrainOptions, TrainReport, reproducing_command, train
 
 DEFAULT_OPTIONS = TrainOptions(steps=1100, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=50)
 
@@ -177,7 +176,7 @@ def train_affine(
         "residual": dict(RESIDUAL),
         "loss": "-NCC (full + quarter resolution) after warping",
         "prepare_seconds": round(prepare_seconds, 1),
-        "command": f"histreg train affine --data {data} -o {Path(weights).name} --steps {options.steps} --seed {options.seed}",
+        "command": reproducing_command("affine", data, weights, options, include_skimage),
     }
     return train(
         net,

@@ -61,6 +61,19 @@ def state_path(weights) -> Path:
     return weights.with_name(weights.name + ".state")
 
 
+def reproducing_command(kind: str, data, weights, options: "TrainOptions", include_skimage: bool = True) -> str:
+    """The ``histreg train`` command line that repeats a run (recorded in the weights' meta):
+    the same network, data, steps, learning rate and seed."""
+    parts = ["histreg train", kind]
+    if isinstance(data, (str, Path)):
+        parts += ["--data", str(data)]
+    parts += ["-o", Path(weights).name, "--steps", str(options.steps), "--lr", f"{options.learning_rate:g}",
+              "--seed", str(options.seed)]
+    if not include_skimage:
+        parts.append("--no-skimage")
+    return " ".join(parts)
+
+
 def train(
     model: nn.Module,
     batch_fn: Callable[[np.random.Generator, int], object],

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from ..similarity import curvature, diffusion, local_ncc
 from ..stages.nonrigid import _level_shape, fold_patches
 from ..stages.preprocess import resample
 from .data import grouped_prealigned_pairs, jitter_intensity, jitter_stain, load_training_images, random_smooth_field, working_grey
-from .loop import TrainOptions, TrainReport, train
+from .loop import TrainOptions, TrainReport, reproducing_command, train
 
 # 10 000 steps (15 min on one CPU thread): against the former 3500, the landmark-free validation
 # set (benchmarks/validation.py, seeds 0 and 1) had a lower learned-mode MrTRE on 29 of 32 pairs
@@ -290,7 +289,7 @@ def train_nonrigid(
         "real_pairs": len(samples.pairs),
         "loss": "-local NCC + diffusion of the Hann-blended patch field, on regions cut and blended as inference does",
         "prepare_seconds": round(prepare_seconds, 1),
-        "command": f"histreg train nonrigid --data {data} -o {Path(weights).name} --steps {options.steps} --seed {options.seed}",
+        "command": reproducing_command("nonrigid", data, weights, options, include_skimage),
     }
     return train(
         net,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +39,7 @@ from .data import (
     resize_rgb,
     working_grey,
 )
-from .loop import TrainOptions, TrainReport, train
+from .loop import TrainOptions, TrainReport, reproducing_command, train
 
 #: The shipped weights: 1800 steps of 8 crops of 256 px (about 12 minutes on one busy CPU thread).
 DEFAULT_OPTIONS = TrainOptions(steps=1800, learning_rate=3e-3, weight_decay=0.0, seed=0, checkpoint_every=100)
@@ -307,7 +305,7 @@ def train_segmentation(
     torch.manual_seed(options.seed)
     model = TissueUNet(**(network or {}))
     meta = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        "command": reproducing_command("segmentation", data, weights, options, include_skimage),
         "data": None if isinstance(data, (list, tuple)) or data is None else str(data),
         "images": [f"{i.name} ({i.group})" for i in images],
         "labels": "pseudo-labels (no manual annotation): " + PSEUDO_LABEL_METHOD,
