@@ -648,7 +648,8 @@ def _main(args) -> int:
 
     from napari_histreg import RegistrationConfig
     from napari_histreg.cli import apply_overrides
-    from napari_histreg.evaluate import read_cover_table, select_pairs, staged_outputs
+    from napari_histreg.evaluate import read_cover_table, select_pairs
+    from napari_histreg.outputs import staged_outputs
     from napari_histreg.io import HistRegInputError, atomic_write_json, atomic_write_text
     from napari_histreg.metrics import rtre
 
@@ -734,7 +735,8 @@ def _main(args) -> int:
               "methods": [dataclasses.asdict(m) for m in methods], "summary": summary, "stage_profile": profile}
 
     out = Path(args.out)
-    with staged_outputs(out) as stage:
+    # a benchmark folder of an earlier run is replaced; anything else is refused (napari_histreg.outputs)
+    with staged_outputs(out, overwrite=True, command="benchmarks/compare.py") as stage:
         write_csv(stage / "results.csv", RESULT_COLUMNS, rows)
         write_csv(stage / "landmarks.csv", ("status", "pair", "method", "device", "landmark", "initial_rTRE", "rTRE"), landmark_rows)
         write_csv(stage / "stages.csv", ("status", "pair", "method", "device", "stage", "seconds"), stage_rows)
@@ -754,10 +756,12 @@ def _main(args) -> int:
 
 def publish(out: Path, dest: Path) -> None:
     """Copy the Markdown table and the PNGs from ``out`` to ``dest``: all of them or none."""
-    from napari_histreg.evaluate import staged_outputs
+    from napari_histreg.outputs import staged_outputs
 
     names = [n for n in PUBLISHED if (out / n).exists()]
-    with staged_outputs(dest) as stage:
+    # docs/benchmarks is part of the repository: its published files are replaced, nothing else
+    # in it is touched, and no output marker is written there
+    with staged_outputs(dest, check=False, marker=False) as stage:
         for name in names:
             shutil.copyfile(out / name, stage / name)
     print(f"published {', '.join(names)} to {dest}")

@@ -191,14 +191,17 @@ def main(argv=None) -> int:
     for name, s in summary.items():
         print(f"{name:18s} {s['AMrTRE']:9.5f} {s['MMrTRE']:9.5f} {s['AArTRE']:9.5f} {s['median_seconds']:7.2f}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "validation.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out / "validation.json").write_text(json.dumps({"summary": summary, "methods": methods,
-                                                              "size": args.size, "warps": args.warps,
-                                                              "seed": args.seed}, indent=2))
+        from napari_histreg.io import atomic_write_json
+        from napari_histreg.outputs import staged_outputs
+
+        # an earlier validation folder is replaced; anything else is refused (napari_histreg.outputs)
+        with staged_outputs(args.out, overwrite=True, command="benchmarks/validation.py") as stage:
+            with open(stage / "validation.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            atomic_write_json(stage / "validation.json", {"summary": summary, "methods": methods, "size": args.size,
+                                                          "warps": args.warps, "seed": args.seed})
     return 0
 
 

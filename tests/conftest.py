@@ -14,6 +14,9 @@ def pytest_configure(config):
     # One torch thread for the whole suite: on a 2-core machine that is busy with anything
     # else, torch's intra-op threads spin against each other and two threads run several times
     # slower than one; with one, test times stay predictable on CI.
+    # HISTREG_THREADS is what register(), the CLI and the widgets read when no thread count is
+    # given, so the suite does not depend on how busy the machine is.
+    os.environ.setdefault("HISTREG_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)

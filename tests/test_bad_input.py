@@ -54,8 +54,9 @@ def digest(path: Path) -> str:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Hidden temporary files or staging folders anywhere under ``folder``."""
-    return [str(p) for p in Path(folder).rglob(".*")]
+    """Hidden temporary files or staging folders anywhere under ``folder`` (the output marker
+    is meant to be there)."""
+    return [str(p) for p in Path(folder).rglob(".*") if p.name != ".histreg-output.json"]
 
 
 @pytest.fixture
@@ -279,13 +280,12 @@ def test_cli_partial_id_overlap_warns_and_runs(pair, tmp_path, capsys):
     assert metrics["n_landmarks"] == 4
 
 
-def test_cli_blank_image_warns_and_writes_identity(pair, tmp_path, capsys):
+def test_cli_blank_image_is_bad_input(pair, tmp_path, capsys):
+    # the README's promise: a constant image ends with exit code 2 and one line, nothing written
     imsave(pair / "blank.png", np.full((100, 110, 3), 255, np.uint8), check_contrast=False)
     code, out, err = run_cli(["register", pair / "blank.png", pair / "target.png", "-o", tmp_path / "out", "-q"], capsys)
-    assert code == 0, err
-    assert "histreg: warning:" in err and "source image is blank" in err and "identity" in err
-    sidecar = json.loads((tmp_path / "out" / "transform.json").read_text())
-    assert sidecar["matrix"] == [[1, 0, 0], [0, 1, 0]]
+    assert_input_error(code, err, "blank.png", "constant")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bad_config_and_options(pair, tmp_path, capsys):
@@ -324,7 +324,7 @@ def test_cli_refuses_to_overwrite_an_input(pair, capsys):
     shutil.copy(pair / "source.png", pair / "overlay.png")
     before = {p.name: digest(p) for p in pair.iterdir()}
     code, _, err = run_cli(["register", pair / "overlay.png", pair / "target.png", "-o", pair, "-q"], capsys)
-    assert_input_error(code, err, "overlay.png", "would be overwritten")
+    assert_input_error(code, err, "overlay.png", "holds the input")
     assert {p.name: digest(p) for p in pair.iterdir()} == before
 
 
@@ -333,7 +333,7 @@ def test_cli_convert_refuses_to_overwrite_and_duplicates(pair, tmp_path, capsys)
 
     write_mha(pair / "image.mha", tissue())
     code, _, err = run_cli(["convert", pair / "image.mha", "-o", pair], capsys)
-    assert_input_error(code, err, "image.mha", "would be overwritten")
+    assert_input_error(code, err, "image.mha", "holds the input")
     (tmp_path / "b").mkdir()
     shutil.copy(pair / "source.png", tmp_path / "b" / "source.png")
     code, _, err = run_cli(["convert", pair / "source.png", tmp_path / "b" / "source.png", "-o", tmp_path / "out"], capsys)
@@ -352,12 +352,12 @@ def test_cli_evaluate_bad_tables(tmp_path, capsys):
     (tmp_path / "t.csv").write_text("Source image,Source landmarks,Target image,Target landmarks,status\na,b,c,d,training\n")
     code, _, err = run_cli(["evaluate", tmp_path / "t.csv", "-o", tmp_path / "out", "--status", "test"], capsys)
     assert_input_error(code, err, "t.csv", "no pair has status 'test'", "training")
-    code, _, err = run_cli(["evaluate", tmp_path / "t.csv", "-o", tmp_path], capsys)  # OUT/pairs.csv is fine here...
-    assert code == 0  # ...the one pair fails and is recorded
-    (tmp_path / "pairs.csv").unlink()
-    shutil.copy(tmp_path / "t.csv", tmp_path / "pairs.csv")
-    code, _, err = run_cli(["evaluate", tmp_path / "pairs.csv", "-o", tmp_path], capsys)
-    assert_input_error(code, err, "pairs.csv", "would be overwritten")
+    code, _, err = run_cli(["evaluate", tmp_path / "t.csv", "-o", tmp_path], capsys)  # the folder holds the table
+    assert_input_error(code, err, "holds the input", "t.csv")
+    code, _, err = run_cli(["evaluate", tmp_path / "t.csv", "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 3, err  # the run completes, its one pair failed: exit 3 and the count
+    assert "histreg: error: 1 of 1 pairs failed" in err
+    assert (tmp_path / "out" / "pairs.csv").exists()
 
 
 # --------------------------------------------------------------------------- inputs kept, outputs atomic
@@ -369,13 +369,17 @@ def test_success_keeps_inputs_and_leaves_no_temp_files(pair, tmp_path, capsys):
     assert code == 0, err
     assert {p.name: digest(p) for p in pair.iterdir()} == before
     assert sorted(os.listdir(out)) == sorted(
-        ["warped_source.png", "transform.mha", "transform.json", "warped_source_landmarks.csv", "overlay.png", "metrics.json"]
+        [".histreg-output.json", "warped_source.png", "transform.mha", "transform.json", "warped_source_landmarks.csv",
+         "overlay.png", "metrics.json"]
     )
     assert leftovers(tmp_path) == []
-    # a second run into the same folder replaces the outputs, still without leftovers
+    # a second run into the same folder is refused without --overwrite...
     code, _, err = run_cli(args, capsys)
+    assert_input_error(code, err, "earlier histreg output", "--overwrite")
+    # ...and replaces the outputs with it, still without leftovers
+    code, _, err = run_cli([*args, "--overwrite"], capsys)
     assert code == 0, err
-    assert leftovers(tmp_path) == [] and len(os.listdir(out)) == 6
+    assert leftovers(tmp_path) == [] and len(os.listdir(out)) == 7
 
 
 def test_failure_after_registration_leaves_nothing(pair, tmp_path, capsys, monkeypatch):
@@ -404,16 +408,17 @@ def test_keyboard_interrupt_exits_130_without_partial_outputs(pair, tmp_path, ca
         monkeypatch.setattr(napari_histreg.pipeline.Pipeline, "run", interrupt)
     else:
         monkeypatch.setattr(napari_histreg.overlay, "save_overlay", interrupt)
-    existing = tmp_path / "existing"
+    existing = tmp_path / "existing"  # an earlier output, replaced with --overwrite (or not at all)
     existing.mkdir()
     (existing / "notes.txt").write_text("keep me")
+    (existing / ".histreg-output.json").write_text(json.dumps({"tool": "napari-histreg", "files": []}))
     before = {p.name: digest(p) for p in pair.iterdir()}
     for out in (tmp_path / "new" / "deeper", existing):
-        code, _, err = run_cli(register_args(pair, out, "--source-landmarks", pair / "source.csv"), capsys)
+        code, _, err = run_cli(register_args(pair, out, "--source-landmarks", pair / "source.csv", "--overwrite"), capsys)
         assert code == 130, err
         assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
-    assert os.listdir(existing) == ["notes.txt"]
+    assert sorted(os.listdir(existing)) == [".histreg-output.json", "notes.txt"]
     assert leftovers(tmp_path) == []
     assert {p.name: digest(p) for p in pair.iterdir()} == before
 

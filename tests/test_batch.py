@@ -147,8 +147,8 @@ def test_register_batch_on_scheduler_and_cli(table, tmp_path, scheduler_address,
     assert summary["registered"] == 2 and summary["failed"] == 1
     first = Path(rows[0]["output"])
     assert first.name == "001-source0__target0" and first.parent == tmp_path / "batch" / "pairs"
-    assert {p.name for p in first.iterdir()} == {"transform.json", "transform.mha", "warped_source_landmarks.csv",
-                                                 "metrics.json", "warped.ome.zarr"}
+    assert {p.name for p in first.iterdir()} == {".histreg-output.json", "transform.json", "transform.mha",
+                                                 "warped_source_landmarks.csv", "metrics.json", "warped.ome.zarr"}
     result = RegistrationResult.load(first / "transform.json")
     # 512 px images, working size 256: the (virtual, 2x2 mean) level 1 is the closest >= 256;
     # the transform is still in level-0 pixels

@@ -68,7 +68,8 @@ def test_register_rat_kidney_outputs(kidney_run, capsys):
     code, out, d = kidney_run
     assert code == 0
     assert sorted(os.listdir(out)) == sorted(
-        ["warped_source.png", "transform.mha", "transform.json", "warped_source_landmarks.csv", "overlay.png", "metrics.json"]
+        [".histreg-output.json", "warped_source.png", "transform.mha", "transform.json", "warped_source_landmarks.csv",
+         "overlay.png", "metrics.json"]
     )
     target = read_image(d / f"{KIDNEY_TARGET}.jpg")
     warped = imread(out / "warped_source.png")
@@ -108,7 +109,8 @@ def test_register_16bit_grey_writes_tiff_and_only_source_landmarks(tmp_path, fas
     )
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
-        ["warped_source.tif", "transform.mha", "transform.json", "warped_source_landmarks.csv", "overlay.png"]
+        [".histreg-output.json", "warped_source.tif", "transform.mha", "transform.json", "warped_source_landmarks.csv",
+         "overlay.png"]
     )
     warped = read_image(tmp_path / "out" / "warped_source.tif")
     assert warped.dtype == np.uint16 and warped.shape == image.shape
@@ -140,8 +142,9 @@ def test_evaluate_records_failures_and_goes_on(shared_data, tmp_path, fast_json,
     code, stdout, err = run_cli(
         ["evaluate", table, "-o", out, "--config", fast_json, "--working-size", "128", "--method", "none"], capsys
     )
-    assert code == 0, err
-    assert sorted(os.listdir(out)) == ["pairs.csv", "summary.json"]
+    assert code == 3, err  # completed, one pair failed: exit 3 with the count
+    assert "histreg: error: 1 of 3 pairs failed" in err
+    assert sorted(os.listdir(out)) == [".histreg-output.json", "pairs.csv", "summary.json"]
     with open(out / "pairs.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0].keys()) == list(PAIR_COLUMNS)
@@ -211,7 +214,7 @@ def test_convert_round_trip(tmp_path, capsys):
         imsave(tmp_path / name, image, check_contrast=False)
     code, out, err = run_cli(["convert", *[tmp_path / n for n in images], "-o", tmp_path / "mha"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "mha")) == ["deep.mha", "grey.mha", "rgb.mha", "rgba.mha"]
+    assert sorted(os.listdir(tmp_path / "mha")) == [".histreg-output.json", "deep.mha", "grey.mha", "rgb.mha", "rgba.mha"]
     for name, image in images.items():
         mha = tmp_path / "mha" / (name.rsplit(".", 1)[0] + ".mha")
         back = read_image(mha)

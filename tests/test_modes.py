@@ -182,8 +182,12 @@ def test_train_command_writes_loadable_weights_and_resumes(kind, tiny_data, tmp_
     model = load_network(out, kind=kind)
     assert model.meta["steps"] == 2
     assert f"trained {kind} network: 2 steps" in capsys.readouterr().out
-    # Resuming a finished run starts again from step 0 (its state file is gone) and says so.
+    # The weights file is an earlier output now: kept unless --overwrite.
     code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    # Resuming a finished run starts again from step 0 (its state file is gone) and says so.
+    code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q",
+                 "--overwrite"])
     assert code == 0
     assert "no training state" in capsys.readouterr().err
 

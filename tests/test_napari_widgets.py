@@ -57,8 +57,11 @@ def test_register_widget_on_sample(sample_viewer, qtbot):
 
     vectors = viewer.layers[f"{source_name} deformation"]
     assert type(vectors).__name__ == "Vectors" and vectors.data.ndim == 3 and vectors.data.shape[1:] == (2, 2)
-    assert 25**2 <= len(vectors.data) <= 40**2
+    assert 16**2 <= len(vectors.data) <= 22**2  # thinned to ~20 arrows a side: readable, not a carpet
     np.testing.assert_allclose(vectors.features["magnitude"], np.linalg.norm(vectors.data[:, 1], axis=1), rtol=1e-5)
+    # drawn no longer than the grid spacing, so arrows do not cross (the magnitude keeps the truth)
+    spacing = max(target.data.shape[:2]) / 20
+    assert vectors.length * np.percentile(vectors.features["magnitude"], 90) <= 0.8 * spacing + 1e-6
     starts = vectors.data[:, 0]
     assert starts.min() >= 0 and (starts.max(axis=0) < target.data.shape[:2]).all()
     np.testing.assert_allclose(vectors.scale, target.scale)
@@ -337,7 +340,7 @@ def test_transforms_widget_save_load_apply(viewer, qtbot, tmp_path):
     def apply(layer):
         widget.layer.value = layer
         assert run_widget(qtbot, widget, timeout=60_000) == "done", widget.status
-        return viewer.layers[f"{layer.name} registered"]
+        return viewer.layers[f"{layer.name} transformed"]  # never the Register result's name
 
     out = apply(rgb)
     assert out.rgb and out.data.shape == shape + (3,) and out.data.dtype == np.uint8

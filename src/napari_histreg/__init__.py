@@ -4,6 +4,11 @@
 Importing this package does not import napari or Qt.
 """
 
+from . import threads as _threads
+
+_threads.limit_spinning()  # before torch is imported (see napari_histreg.threads)
+
+
 from .conventions import Frame
 from .pipeline import Pipeline, RegistrationConfig, register
 from .progress import ProgressEvent, RegistrationCancelled

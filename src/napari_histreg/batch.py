@@ -11,12 +11,14 @@
   transform (level-0 pixels), the warped source landmarks, the metrics, and optionally the
   warped source as an OME-Zarr pyramid (tile-wise, :func:`napari_histreg.tiled.warp_slide`).
 
-The cluster is a ``LocalCluster`` (worker processes, one thread each) unless ``scheduler`` gives
-the address of a running one (``tcp://host:8786``) or ``client`` an existing
-``distributed.Client``. Workers must see the input paths (a shared file system) and have
-napari-histreg installed. A failing pair (a bad file, an exception, a worker that died) is
-recorded with its error and the others finish. Dask's nanny starts workers with
-``OMP_NUM_THREADS=1``, so torch runs one thread per worker.
+The cluster is a ``LocalCluster`` (worker processes, one thread each; as many as the usable
+cores other processes leave free, at most 4) unless ``scheduler`` gives the address of a
+running one (``tcp://host:8786``) or ``client`` an existing ``distributed.Client``. Workers
+must see the input paths (a shared file system) and have napari-histreg installed. A failing
+pair (a bad file, an exception, a worker that died) is recorded with its error and the others
+finish. Each registration runs on one torch thread per worker process (``threads`` changes it):
+several processes with several threads each on the same cores spin against each other
+(:mod:`napari_histreg.threads`).
 """
 
 from __future__ import annotations
@@ -31,19 +33,19 @@ from typing import Callable, Iterable
 from .evaluate import (
     CoverPair,
     _one_line,
-    check_not_inputs,
     empty_row,
     evaluate_row,
     open_table,
     read_pair_rows,
     select_pairs,
-    staged_outputs,
     summarise_by_status,
+    table_inputs,
     table_summary,
     write_pairs_csv,
     write_table_outputs,
 )
 from .io import HistRegInputError, atomic_write_json
+from .outputs import check_output_folder, staged_outputs
 from .progress import ProgressCallback, RegistrationCancelled, report
 
 __all__ = [
@@ -69,8 +71,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
                 timeout: float = 60.0, client=None):
     """A ``distributed.Client``: ``client`` as given, a connection to ``scheduler`` (an address
     such as ``tcp://127.0.0.1:8786``), or a new ``LocalCluster`` of ``workers`` processes
-    (default: the number of CPUs, at most 4) with ``threads_per_worker`` threads each. What this
-    function started is closed on exit."""
+    (default: the usable cores that other processes leave free, at most 4; see
+    :func:`napari_histreg.threads.default_workers`) with ``threads_per_worker`` threads each.
+    What this function started is closed on exit."""
     if client is not None:
         yield client
         return
@@ -90,7 +93,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         finally:
             own.close()
         return
-    n = workers or max(1, min(os.cpu_count() or 1, 4))
+    from .threads import default_workers
+
+    n = workers or default_workers()
     with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None,
                       silence_logs=40) as cluster, Client(cluster) as own:
         yield own
@@ -130,13 +135,13 @@ def _run(client, fn: Callable, calls: list[tuple], on_error: Callable, progress:
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate_pair_task(pair: CoverPair, config, device, seed) -> dict:
+def evaluate_pair_task(pair: CoverPair, config, device, seed, threads=1) -> dict:
     """One row of :func:`evaluate_table` for ``pair``, computed where it runs (a dask worker)."""
     from .conventions import default_device
     from .pipeline import Pipeline
 
     try:
-        pipeline = Pipeline(config, device=default_device(device), seed=seed)
+        pipeline = Pipeline(config, device=default_device(device), seed=seed, threads=threads)
     except Exception as err:  # recorded, the batch goes on
         return empty_row(pair, _one_line(err))
     return evaluate_row(pair, pipeline, None)
@@ -156,6 +161,8 @@ def evaluate_table_distributed(
     workers: int | None = None,
     client=None,
     timeout: float = 60.0,
+    overwrite: bool = False,
+    threads=None,
 ) -> tuple[list[dict], dict]:
     """:func:`napari_histreg.evaluate.evaluate_table` on a dask cluster (see the module doc).
 
@@ -166,10 +173,13 @@ def evaluate_table_distributed(
     from .conventions import default_device
     from .pipeline import RegistrationConfig
 
-    csv_path, pairs = open_table(csv_path, out_dir, statuses, limit)
+    from .threads import requested_threads
+
+    csv_path, pairs = open_table(csv_path, out_dir, statuses, limit, overwrite)
     config = config or RegistrationConfig()
     local_device = default_device(device)  # a bad device fails here, once
     device_arg = None if device in (None, "auto") else str(device)
+    per_worker = requested_threads(threads) or 1
 
     def failed(k, err):
         return empty_row(pairs[k], f"worker failed: {_one_line(err)}")
@@ -177,10 +187,11 @@ def evaluate_table_distributed(
     names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
     with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
         cluster = _describe(dc)
-        rows = _run(dc, evaluate_pair_task, [(p, config, device_arg, seed) for p in pairs], failed, progress, names)
+        calls = [(p, config, device_arg, seed, per_worker) for p in pairs]
+        rows = _run(dc, evaluate_pair_task, calls, failed, progress, names)
 
-    summary = table_summary(rows, csv_path, statuses, local_device, seed, config, cluster=cluster)
-    write_table_outputs(out_dir, rows, summary)
+    summary = table_summary(rows, csv_path, statuses, local_device, seed, config, cluster=cluster, threads_per_worker=per_worker)
+    write_table_outputs(out_dir, rows, summary, overwrite=overwrite, inputs=table_inputs(csv_path, pairs))
     return rows, summary
 
 
@@ -216,7 +227,7 @@ def _batch_row(pair: CoverPair, folder, error: str = "") -> dict:
 
 
 def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp: bool = False, tile: int = 2048,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, threads=1) -> dict:
     """Register one batch pair (slides read lazily) and write its folder; returns its row."""
     import numpy as np
 
@@ -235,7 +246,7 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
         source_lm = read_landmarks(pair.path(pair.source_landmarks)) if pair.source_landmarks else None
         target_lm = read_landmarks(pair.path(pair.target_landmarks)) if pair.target_landmarks else None
         with open_slide(source_path) as source, open_slide(target_path) as target:
-            result = register_slides(source, target, config, device=device, seed=seed)
+            result = register_slides(source, target, config, device=device, seed=seed, threads=threads)
             row.update(source_level=result.info["slide"]["source_level"], target_level=result.info["slide"]["target_level"])
             mapped = None
             metrics = None
@@ -249,7 +260,7 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
                 row.update(initial_MrTRE=metrics["initial_median_rtre"], MrTRE=metrics["median_rtre"],
                            mean_rTRE=metrics["mean_rtre"], max_rTRE=metrics["max_rtre"],
                            robustness=metrics["robustness"], n_landmarks=metrics["n_landmarks"])
-            with staged_outputs(folder) as stage:
+            with staged_outputs(folder, inputs=pair.input_paths(), overwrite=overwrite, command="register-batch") as stage:
                 result.save(stage / "transform")
                 if mapped is not None:
                     write_landmarks(stage / "warped_source_landmarks.csv", source_lm[0], mapped)
@@ -258,7 +269,12 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
             if warp:
                 from .tiled import warp_slide
 
-                warp_slide(result, source, folder / "warped.ome.zarr", tile=tile, workers=1, overwrite=overwrite)
+                warp_slide(result, source, folder / "warped.ome.zarr", tile=tile, workers=1, threads=threads,
+                           overwrite=overwrite)
+                from .outputs import read_marker, write_marker
+
+                listed = (read_marker(folder) or {}).get("files", [])
+                write_marker(folder, [*listed, "warped.ome.zarr"], "register-batch")
     except Exception as err:  # recorded, the batch goes on
         row["error"] = _one_line(err)
     row["seconds"] = time.perf_counter() - start
@@ -287,6 +303,7 @@ def register_batch(
     overwrite: bool = False,
     progress: ProgressCallback = None,
     timeout: float = 60.0,
+    threads=None,
 ) -> tuple[list[dict], dict]:
     """Register every pair of the batch table ``csv_path`` on a dask cluster (see the module doc)
     and write ``out_dir/pairs/NNN-SOURCE__TARGET/`` (``transform.mha`` + ``transform.json`` in
@@ -299,27 +316,29 @@ def register_batch(
     from .evaluate import _jsonable
     from .pipeline import RegistrationConfig
 
+    from .threads import requested_threads
+
     csv_path = Path(csv_path)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
-    pairs = select_pairs(read_batch_table(csv_path), statuses, limit, name=str(csv_path))
+    every = read_batch_table(csv_path)
+    pairs = select_pairs(every, statuses, limit, name=str(csv_path))
     if not pairs:
         raise HistRegInputError(f"{csv_path}: no pairs to register")
-    check_not_inputs([out_dir / "batch.csv", out_dir / "summary.json"], [csv_path])
+    inputs = table_inputs(csv_path, every)
+    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)  # the output rule, before any work
     config = config or RegistrationConfig()
     default_device(device)  # a bad device fails here, once
     device_arg = None if device in (None, "auto") else str(device)
+    per_worker = requested_threads(threads) or 1
     folders = [out_dir / "pairs" / pair_folder_name(k, p) for k, p in enumerate(pairs, start=1)]
     for folder in folders:
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise HistRegInputError(f"{folder}: output exists; pass overwrite (--overwrite) to replace it")
+        check_output_folder(folder, inputs=inputs, overwrite=overwrite)
 
     def failed(k, err):
         return _batch_row(pairs[k], folders[k], f"worker failed: {_one_line(err)}")
 
     names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
-    calls = [(p, str(f), config, device_arg, seed, warp, tile, overwrite) for p, f in zip(pairs, folders)]
+    calls = [(p, str(f), config, device_arg, seed, warp, tile, overwrite, per_worker) for p, f in zip(pairs, folders)]
     with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
         cluster = _describe(dc)
         rows = _run(dc, register_pair_task, calls, failed, progress, names)
@@ -336,10 +355,15 @@ def register_batch(
             "version": __version__,
             "config": _jsonable(config.to_dict()),
             "cluster": cluster,
+            "threads_per_worker": per_worker,
             "warp": warp,
         }
     )
-    with staged_outputs(out_dir) as stage:
+    # the pair folders the workers wrote are listed in OUT's marker, so that a later --overwrite
+    # replaces them and removes those a run does not write again
+    pair_names = [f"pairs/{f.name}" for f in folders if f.exists()]
+    with staged_outputs(out_dir, inputs=inputs, overwrite=True, command="register-batch", check=False,
+                        extra_files=pair_names) as stage:
         write_batch_csv(stage / "batch.csv", rows)
         atomic_write_json(stage / "summary.json", summary)
     return rows, summary

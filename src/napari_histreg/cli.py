@@ -1,7 +1,18 @@
 """The ``histreg`` command line: register a pair, evaluate a cover table, convert images, demo.
 
-Exit codes: 0 success, 2 bad input (one line ``histreg: error: <file>: <problem>`` on stderr,
-no traceback), 130 interrupted (no partial outputs are left), 1 anything else.
+Exit codes (also in the README):
+
+* 0: success;
+* 2: bad input (a missing or unreadable file, a constant image, an output that would replace
+  an input or data that is not an earlier histreg output, an unavailable device, a slide that
+  is not the one a transform was made for, ...): one line ``histreg: error: <file>: <problem>``
+  on stderr, no traceback, nothing written;
+* 3: ``evaluate`` / ``register-batch`` ran every pair but some failed (the count is printed;
+  each failure is in ``pairs.csv`` / ``batch.csv``);
+* 130: interrupted (no partial outputs are left, except a resumable ``OUT.partial`` of ``warp``);
+* 1: anything else (a bug: ``--debug`` shows the traceback).
+
+Where outputs may go is one rule for every command: :mod:`napari_histreg.outputs`.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PAIRS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 OUTPUT_NAMES = {
     "warped_png": "warped_source.png",
@@ -54,6 +65,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> str | int:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _positive_int(text)
+
+
+def _add_threads_option(parser: argparse.ArgumentParser, what: str = "torch threads") -> None:
+    parser.add_argument(
+        "--threads", type=_threads, default=None, metavar="N|auto",
+        help=f"{what} (default: auto = the usable cores that other processes leave free, at least 1; "
+        "$HISTREG_THREADS sets the default too)",
+    )
+
+
+def _add_overwrite_option(parser: argparse.ArgumentParser, what: str = "output") -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help=f"replace an earlier histreg {what} at the output path (never anything else: a folder or file that "
+        "histreg did not write, or one holding an input, is refused either way)",
+    )
+
+
 def _working_size(text: str) -> int:
     value = _positive_int(text)
     if value < 64:
@@ -83,6 +116,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="JSON file of RegistrationConfig overrides, nested by stage, e.g. "
                             '{"use_mask": true, "affine": {"iterations": [50, 30, 20]}}; '
                             "--method and --working-size apply on top of it")
+    _add_threads_option(group)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -111,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     p.add_argument("--source-landmarks", metavar="CSV", help="ANHIR landmark CSV (,X,Y) of SOURCE")
     p.add_argument("--target-landmarks", metavar="CSV", help="ANHIR landmark CSV (,X,Y) of TARGET")
+    _add_overwrite_option(p, "output folder")
     _add_run_options(p)
     p.set_defaults(func=cmd_register)
 
@@ -127,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", default=None, metavar="S[,S...]",
                    help="only pairs with these status values, comma-separated (e.g. training,synthetic)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N pairs")
+    _add_overwrite_option(p, "evaluation folder")
     _add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
     _add_scheduler_options(p)  # whole-slide / dask additions (see the end of this module)
@@ -139,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    _add_overwrite_option(p, "conversion folder")
+    _add_threads_option(p, "threads (conversion runs on one; accepted for a uniform command line)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -148,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "after registration. With -o, also write the outputs of `histreg register` into OUT.",
     )
     p.add_argument("-o", "--output", default=None, metavar="OUT", help="also write the outputs into this folder")
+    _add_overwrite_option(p, "output folder")
     _add_run_options(p)
     p.set_defaults(func=cmd_demo)
     _add_slide_commands(sub)  # whole-slide / dask additions (see the end of this module)
@@ -342,21 +381,28 @@ def register_and_write(
     seed=0,
     quiet=False,
     names=("source", "target"),
+    overwrite=False,
+    threads=None,
+    command="register",
 ) -> dict:
     """Register arrays, write the outputs of ``histreg register`` into ``out`` (if given) and
     return a dict with the result and (if both landmark sets are given) the metrics.
 
-    ``source_landmarks`` / ``target_landmarks``: ``(name, ids, points_rc)`` or None.
+    ``source_landmarks`` / ``target_landmarks``: ``(name, ids, points_rc)`` or None. ``out``
+    follows the output rule of :mod:`napari_histreg.outputs` (``inputs``: the files read).
     """
     import numpy as np
 
     from . import __version__
-    from .evaluate import check_not_inputs, staged_outputs
     from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
     from .metrics import pair_metrics
-    from .pipeline import check_pair_shapes, register
+    from .outputs import check_output_folder, staged_outputs
+    from .pipeline import check_pair_shapes, is_constant, register
 
     check_pair_shapes(source_image.shape, target_image.shape, *names)
+    for name, image in zip(names, (source_image, target_image)):
+        if is_constant(image):
+            raise HistRegInputError(f"{name}: image is constant (every pixel has the same value); there is nothing to register")
     paired = None
     if source_landmarks is not None:
         _check_landmarks_in_image(source_landmarks[0], source_landmarks[2], source_image.shape)
@@ -371,18 +417,16 @@ def register_and_write(
     planned = []
     if out is not None:
         out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise HistRegInputError(f"{out}: output path exists and is not a folder")
+        check_output_folder(out, inputs=inputs, overwrite=overwrite)  # before any work
         planned = [OUTPUT_NAMES["warped_png" if eight_bit else "warped_tif"], "transform.mha", "transform.json",
                    OUTPUT_NAMES["overlay"]]
         if source_landmarks is not None:
             planned.append(OUTPUT_NAMES["landmarks"])
         if paired is not None:
             planned.append(OUTPUT_NAMES["metrics"])
-        check_not_inputs([out / name for name in planned], inputs)
 
     with StageProgress(disable=quiet) as progress:
-        result = register(source_image, target_image, config, device=device, seed=seed, progress=progress)
+        result = register(source_image, target_image, config, device=device, seed=seed, progress=progress, threads=threads)
 
     report: dict = {"result": result, "outputs": [], "metrics": None}
     mapped_all = None
@@ -397,12 +441,12 @@ def register_and_write(
         metrics.update(
             source=names[0], target=names[1], source_landmarks=source_landmarks[0], target_landmarks=target_landmarks[0],
             landmark_ids=[str(i) for i in ids], seconds=result.timings.get("total"), timings=result.timings,
-            device=str(result.info.get("device")), seed=seed, version=__version__,
+            device=str(result.info.get("device")), threads=result.info.get("threads"), seed=seed, version=__version__,
         )
         report["metrics"] = metrics
 
     if out is not None:
-        with staged_outputs(out) as stage:
+        with staged_outputs(out, inputs=inputs, overwrite=overwrite, command=command) as stage:
             warped = result.warp(source_image)
             write_image(stage / planned[0], warped)
             result.save(stage / "transform")
@@ -443,9 +487,11 @@ def cmd_register(args) -> int:
         source_image, target_image, out=args.output, source_landmarks=source_lm, target_landmarks=target_lm,
         inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks],
         config=_config(args), device=_device(args), seed=args.seed, quiet=args.quiet, names=(args.source, args.target),
+        overwrite=args.overwrite, threads=args.threads,
     )
     result = report["result"]
-    _say(f"registered {args.source} onto {args.target} in {result.timings.get('total', 0):.1f} s on {result.info.get('device')}")
+    _say(f"registered {args.source} onto {args.target} in {result.timings.get('total', 0):.1f} s on "
+         f"{result.info.get('device')} ({result.info.get('threads')} thread(s))")
     _print_metrics(report["metrics"])
     _say(f"outputs in {args.output}: {', '.join(p.name for p in report['outputs'])}")
     return EXIT_OK
@@ -457,16 +503,25 @@ def cmd_evaluate(args) -> int:
     with PairProgress(disable=args.quiet) as progress:
         rows, summary = evaluate_table(
             args.table, args.output, statuses=args.status, config=_config(args), device=_device(args),
-            seed=args.seed, progress=progress, limit=args.limit,
+            seed=args.seed, progress=progress, limit=args.limit, overwrite=args.overwrite, threads=args.threads,
         )
     _say(format_table(rows, summary))
     _say(f"\nwritten {Path(args.output) / 'pairs.csv'} and {Path(args.output) / 'summary.json'}")
+    return _pairs_exit_code(rows)
+
+
+def _pairs_exit_code(rows) -> int:
+    """:data:`EXIT_PAIRS_FAILED` with a message when any pair failed, after the run completed."""
+    failed = sum(1 for r in rows if r.get("error"))
+    if failed:
+        print(f"histreg: error: {failed} of {len(rows)} pairs failed (see the 'error' column)", file=sys.stderr)
+        return EXIT_PAIRS_FAILED
     return EXIT_OK
 
 
 def cmd_convert(args) -> int:
-    from .evaluate import check_not_inputs, staged_outputs
     from .io import HistRegInputError, read_image, write_mha
+    from .outputs import check_output_folder, staged_outputs
 
     out = Path(args.output)
     targets = {}
@@ -475,9 +530,9 @@ def cmd_convert(args) -> int:
         if dest in targets.values():
             raise HistRegInputError(f"{name}: another input also converts to {dest.name}; convert them into separate folders")
         targets[name] = dest
-    check_not_inputs(targets.values(), args.inputs)
+    check_output_folder(out, inputs=args.inputs, overwrite=args.overwrite)
     images = {name: read_image(name) for name in args.inputs}  # every input is checked before anything is written
-    with staged_outputs(out) as stage:
+    with staged_outputs(out, inputs=args.inputs, overwrite=args.overwrite, command="convert") as stage:
         for name, image in images.items():
             write_mha(stage / targets[name].name, image, vector=image.ndim == 3)
     for name, dest in targets.items():
@@ -502,11 +557,13 @@ def cmd_demo(args) -> int:
         source_landmarks=("sample source landmarks", ids, pair.source_landmarks),
         target_landmarks=("sample target landmarks", ids, pair.target_landmarks),
         config=_config(args), device=_device(args), seed=args.seed, quiet=args.quiet,
-        names=("sample source", "sample target"),
+        names=("sample source", "sample target"), overwrite=args.overwrite, threads=args.threads, command="demo",
     )
     m = report["metrics"]
+    info = report["result"].info
     _say(f"sample pair {pair.source.shape[1]}x{pair.source.shape[0]} -> {pair.target.shape[1]}x{pair.target.shape[0]}, "
-         f"registered in {report['result'].timings.get('total', 0):.1f} s on {report['result'].info.get('device')}")
+         f"registered in {report['result'].timings.get('total', 0):.1f} s on {info.get('device')} "
+         f"({info.get('threads')} thread(s))")
     _say(f"median rTRE before: {m['initial_median_rtre']:.5f}")
     _say(f"median rTRE after:  {m['median_rtre']:.5f}")
     if args.output:
@@ -537,7 +594,8 @@ def _add_slide_commands(sub) -> None:
         "or RegistrationResult.save) to SLIDE (pyramidal or flat TIFF/OME-TIFF/SVS, OME-Zarr, or any image) at full "
         "resolution, tile by tile: only the source region each tile needs is read. Writes an OME-Zarr (NGFF 0.4) "
         "pyramid OUT.zarr, built in OUT.zarr.partial and renamed only when complete; an interrupted run leaves "
-        "OUT.zarr.partial, which --resume continues.",
+        "OUT.zarr.partial, which --resume continues. SLIDE must be the slide the transform was computed for (at any "
+        "resolution): its proportions and its thumbnail are checked against the transform (--force skips that).",
         epilog="example: histreg warp ihc.ome.tif out/pairs/001-ihc__he/transform.json -o ihc_on_he.ome.zarr "
         "--tiff ihc_on_he.ome.tif",
     )
@@ -552,13 +610,19 @@ def _add_slide_commands(sub) -> None:
     p.add_argument("--order", type=int, default=1, choices=(0, 1), help="0 nearest, 1 bilinear (default: 1)")
     p.add_argument("--fill", type=float, default=0.0, metavar="V",
                    help="value outside the source, e.g. 255 for a white brightfield background (default: 0)")
-    p.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="tiles in parallel (default: 2)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="tiles in parallel (default: the thread count of --threads)")
     p.add_argument("--tiff-compression", default="zlib", choices=("zlib", "zstd", "jpeg", "lzw", "none"),
                    help="compression of the OME-TIFF tiles (default: zlib)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to compute the fields (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.zarr.partial)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output or discard a partial one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier histreg output at OUT.zarr / OUT.ome.tif, or discard an interrupted run's "
+                   "OUT.zarr.partial (never anything histreg did not write, nor a path holding an input)")
+    p.add_argument("--force", action="store_true",
+                   help="warp even when SLIDE does not look like the transform's source (a warning instead of an error)")
+    _add_threads_option(p, "threads in all, shared by the tile workers")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_warp)
 
@@ -576,12 +640,13 @@ def _add_slide_commands(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="address of a running dask scheduler")
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                   help="local cluster size (default: CPUs, at most 4); with --scheduler: workers to wait for")
+                   help="local cluster size (default: the usable cores other processes leave free, at most 4; one torch "
+                   "thread per worker unless --threads); with --scheduler: workers to wait for")
     p.add_argument("--warp", action="store_true", help="also warp each source at full resolution (OME-Zarr)")
     p.add_argument("--tile", type=_positive_int, default=2048, metavar="N", help="tile size for --warp (default: 2048)")
     p.add_argument("--status", default=None, metavar="S[,S...]", help="only pairs with these status values")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N pairs")
-    p.add_argument("--overwrite", action="store_true", help="replace existing pair folders")
+    _add_overwrite_option(p, "batch output (OUT and its pair folders)")
     _add_run_options(p)
     p.set_defaults(func=cmd_register_batch)
 
@@ -597,12 +662,13 @@ def cmd_evaluate_parallel(args) -> int:
         rows, summary = evaluate_table_distributed(
             args.table, args.output, statuses=args.status, config=_config(args), device=args.device,
             seed=args.seed, progress=progress, limit=args.limit, scheduler=args.scheduler, workers=args.workers,
+            overwrite=args.overwrite, threads=args.threads,
         )
     _say(format_table(rows, summary))
     cluster = summary.get("cluster", {})
     _say(f"\nran on {cluster.get('workers', '?')} dask workers ({cluster.get('scheduler', '?')})")
     _say(f"written {Path(args.output) / 'pairs.csv'} and {Path(args.output) / 'summary.json'}")
-    return EXIT_OK
+    return _pairs_exit_code(rows)
 
 
 def cmd_warp(args) -> int:
@@ -614,8 +680,8 @@ def cmd_warp(args) -> int:
     try:
         out = warp_slide(
             args.transform, args.slide, args.output, tiff=args.tiff, level=args.level, tile=args.tile,
-            order=args.order, cval=args.fill, workers=args.workers, resume=args.resume, overwrite=args.overwrite,
-            progress=progress, device=None if args.device == "auto" else args.device,
+            order=args.order, cval=args.fill, workers=args.workers, threads=args.threads, resume=args.resume,
+            overwrite=args.overwrite, force=args.force, progress=progress, device=_device(args),
             tiff_compression=None if args.tiff_compression == "none" else args.tiff_compression,
         )
     except (KeyboardInterrupt, RegistrationCancelled):
@@ -647,7 +713,7 @@ def cmd_register_batch(args) -> int:
         rows, summary = register_batch(
             args.table, args.output, _config(args), device=args.device, seed=args.seed, scheduler=args.scheduler,
             workers=args.workers, warp=args.warp, tile=args.tile, statuses=args.status, limit=args.limit,
-            overwrite=args.overwrite, progress=progress,
+            overwrite=args.overwrite, progress=progress, threads=args.threads,
         )
     for row in rows:
         levels = "" if row.get("source_level") is None else f" levels {row['source_level']}/{row['target_level']}"
@@ -659,7 +725,7 @@ def cmd_register_batch(args) -> int:
     _say(f"\n{summary['registered']} of {summary['pairs']} pairs registered, {summary['failed']} failed, on "
          f"{cluster.get('workers', '?')} dask workers; written {Path(args.output) / 'batch.csv'}, "
          f"{Path(args.output) / 'summary.json'} and {Path(args.output) / 'pairs'}/")
-    return EXIT_OK
+    return _pairs_exit_code(rows)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -737,6 +803,8 @@ def _add_train_command(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
     p.add_argument("--no-skimage", action="store_true", help="do not add scikit-image's images to the data")
+    _add_overwrite_option(p, "weights file")
+    _add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -748,17 +816,19 @@ def cmd_train(args) -> int:
 
     from .io import HistRegInputError
 
+    from .networks.checkpoint import is_checkpoint
+    from .outputs import check_output_file
+    from .threads import choose_threads
+
     out = Path(args.output)
-    if out.exists() and out.is_dir():
-        raise HistRegInputError(f"{out}: is a folder; give the weights file to write")
     if args.data is not None and not Path(args.data).exists():
         raise HistRegInputError(f"{args.data}: training data not found")
     if args.lr is not None and not args.lr > 0:
         raise HistRegInputError(f"--lr must be positive, not {args.lr}")
-    if args.data is not None:
-        from .evaluate import check_not_inputs
+    check_output_file(out, inputs=[args.data], overwrite=args.overwrite, is_ours=is_checkpoint, what="weights file")
+    import torch
 
-        check_not_inputs([out], [args.data])
+    torch.set_num_threads(choose_threads(args.threads))
     module = importlib.import_module(f".training.{args.kind}", __package__)
     trainer = getattr(module, f"train_{args.kind}")
     options = dataclasses.replace(module.DEFAULT_OPTIONS, seed=args.seed, resume=args.resume, progress=not args.quiet)

@@ -6,20 +6,17 @@ to the CSV's folder. :func:`evaluate_table` registers every pair, maps the sourc
 into the target frame and scores them with the ANHIR metrics (:mod:`napari_histreg.metrics`).
 A pair that fails is recorded with its error message and the run goes on.
 
-Used by ``histreg evaluate``, the benchmark script and the napari widget::
+Used by ``histreg evaluate`` and the benchmark scripts::
 
     rows, summary = evaluate_table("data/dataset.csv", "results/", statuses=["training"])
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from .io import HistRegInputError, atomic_path, atomic_write_json, pair_landmarks, read_image, read_landmarks
+from .outputs import check_not_inputs, check_output_folder, staged_outputs  # noqa: F401  (re-exported)
 from .progress import ProgressCallback, RegistrationCancelled, report
 
 REQUIRED_COLUMNS = ("Source image", "Source landmarks", "Target image", "Target landmarks")
@@ -62,57 +60,9 @@ class CoverPair:
     def path(self, value: str) -> Path | None:
         return (self.folder / value) if value else None
 
-
-# --------------------------------------------------------------------------- staged outputs
-@contextlib.contextmanager
-def staged_outputs(out_dir: str | os.PathLike):
-    """Yield a hidden staging folder inside ``out_dir``; on success its files are moved into
-    ``out_dir`` (``os.replace``, same file system), on any exception (``KeyboardInterrupt``
-    included) nothing is moved and the staging folder is removed, as is ``out_dir`` itself if
-    this call created it and it is empty. So a run leaves either all its outputs or none."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
-    created = []
-    for parent in reversed([out_dir, *out_dir.parents]):
-        if not parent.exists():
-            created.append(parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".histreg-staging-", dir=out_dir))
-    ok = False
-    try:
-        yield stage
-        for item in sorted(stage.iterdir()):
-            if item.name.startswith("."):  # a leftover temporary file of an atomic write
-                continue
-            os.replace(item, out_dir / item.name)
-        ok = True
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if not ok:
-            for folder in reversed(created):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only succeeds when empty
-
-
-def check_not_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike | None]) -> None:
-    """Raise :class:`HistRegInputError` if any output path is one of the input files."""
-    resolved = {}
-    for item in inputs:
-        if item is None:
-            continue
-        with contextlib.suppress(OSError):
-            resolved[Path(item).resolve()] = Path(item)
-    for out in outputs:
-        out = Path(out)
-        target = out.resolve()
-        if target in resolved:
-            raise HistRegInputError(f"{resolved[target]}: is an input and would be overwritten by an output; choose another output folder")
-        if out.exists():
-            for path in resolved:
-                with contextlib.suppress(OSError):
-                    if path.exists() and os.path.samefile(out, path):
-                        raise HistRegInputError(f"{resolved[path]}: is an input and would be overwritten by an output; choose another output folder")
+    def input_paths(self) -> list[Path]:
+        """Every file this pair names (images and landmarks): inputs, never outputs."""
+        return [p for p in (self.path(v) for v in (self.source, self.source_landmarks, self.target, self.target_landmarks)) if p]
 
 
 # --------------------------------------------------------------------------- cover tables
@@ -320,6 +270,9 @@ def evaluate_table(
     seed: int | None = 0,
     progress: ProgressCallback = None,
     limit: int | None = None,
+    *,
+    overwrite: bool = False,
+    threads=None,
 ) -> tuple[list[dict], dict]:
     """Register and score every pair of an ANHIR cover table.
 
@@ -336,14 +289,16 @@ def evaluate_table(
     Returns ``(rows, summary)``: one dict per pair with the keys :data:`PAIR_COLUMNS`
     (``error`` is ``""`` on success, the message otherwise), and the summary of
     :func:`summarise_rows` plus ``per_status`` and the run settings. With ``out_dir``,
-    ``out_dir/pairs.csv`` and ``out_dir/summary.json`` are written (both or neither).
+    ``out_dir/pairs.csv`` and ``out_dir/summary.json`` are written (both or neither), under the
+    output rule of :mod:`napari_histreg.outputs` (``overwrite`` replaces an earlier evaluation
+    only). ``threads``: torch threads per registration (default: chosen from the free cores).
     """
     from .conventions import default_device
     from .pipeline import Pipeline, RegistrationConfig
 
-    csv_path, pairs = open_table(csv_path, out_dir, statuses, limit)
+    csv_path, pairs = open_table(csv_path, out_dir, statuses, limit, overwrite)
     config = config or RegistrationConfig()
-    pipeline = Pipeline(config, device=default_device(device), seed=seed)  # a bad device fails here, once
+    pipeline = Pipeline(config, device=default_device(device), seed=seed, threads=threads)  # a bad device fails here, once
 
     total = len(pairs)
     rows: list[dict] = []
@@ -353,19 +308,23 @@ def evaluate_table(
     report(progress, "pair", total, total, "done")
 
     summary = table_summary(rows, csv_path, statuses, pipeline.device, seed, config)
-    write_table_outputs(out_dir, rows, summary)
+    write_table_outputs(out_dir, rows, summary, overwrite=overwrite, inputs=table_inputs(csv_path, pairs))
     return rows, summary
 
 
-def open_table(csv_path, out_dir, statuses, limit) -> tuple[Path, list[CoverPair]]:
-    """The selected pairs of a cover table, after checking that ``out_dir`` can take the outputs."""
+def table_inputs(csv_path, pairs: list[CoverPair]) -> list[Path]:
+    """The table and every file its pairs name."""
+    return [Path(csv_path)] + [p for pair in pairs for p in pair.input_paths()]
+
+
+def open_table(csv_path, out_dir, statuses, limit, overwrite: bool = False) -> tuple[Path, list[CoverPair]]:
+    """The selected pairs of a cover table, after checking that ``out_dir`` can take the outputs
+    (the output rule of :mod:`napari_histreg.outputs`, against every file the table names)."""
     csv_path = Path(csv_path)
-    pairs = select_pairs(read_cover_table(csv_path), statuses, limit, name=str(csv_path))
+    every = read_cover_table(csv_path)
+    pairs = select_pairs(every, statuses, limit, name=str(csv_path))
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise HistRegInputError(f"{out_dir}: output path exists and is not a folder")
-        check_not_inputs([out_dir / "pairs.csv", out_dir / "summary.json"], [csv_path])
+        check_output_folder(out_dir, inputs=table_inputs(csv_path, every), overwrite=overwrite)
     return csv_path, pairs
 
 
@@ -408,11 +367,11 @@ def table_summary(rows, csv_path, statuses, device, seed, config, **extra) -> di
     return summary
 
 
-def write_table_outputs(out_dir, rows, summary) -> None:
+def write_table_outputs(out_dir, rows, summary, *, overwrite: bool = False, inputs=(), command: str = "evaluate") -> None:
     """``out_dir/pairs.csv`` and ``out_dir/summary.json``, both or neither."""
     if out_dir is None:
         return
-    with staged_outputs(Path(out_dir)) as stage:
+    with staged_outputs(Path(out_dir), inputs=inputs, overwrite=overwrite, command=command) as stage:
         write_pairs_csv(stage / "pairs.csv", rows)
         atomic_write_json(stage / "summary.json", summary)
 

@@ -61,11 +61,113 @@ def atomic_write_json(path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+# --------------------------------------------------------------------------- memory
+#: An image read whole (``read_image``: ``histreg register``, ``register(path, ...)``, the
+#: napari layers) may decode to at most this share of the memory available: the in-memory
+#: pipeline holds the two decoded images plus about five times their size in working copies
+#: (grey planes, blurring, the full-resolution warp and overlay; measured 1.2 GB for two
+#: 6000 x 6000 RGB images of 103 MB each), so two images at this share stay within memory.
+MEMORY_SHARE = 1 / 16
+LAZY_PATH_HINT = (
+    "register it as a whole slide instead, read lazily at the working resolution: `histreg register-batch PAIRS.csv` "
+    "or napari_histreg.slide.register_slides, then `histreg warp` for the full resolution"
+)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable``), or None if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def check_decoded_size(name: str, shape, dtype, share: float = MEMORY_SHARE, lazy: bool = True) -> None:
+    """Raise :class:`HistRegInputError` when an image of ``shape`` / ``dtype`` would decode to
+    more than ``share`` of the available memory, naming the lazy slide path (``lazy``) or, for
+    formats that cannot be read in parts, a conversion."""
+    available = available_memory()
+    if available is None:
+        return
+    nbytes = int(np.prod([int(n) for n in shape])) * np.dtype(dtype).itemsize
+    if nbytes <= share * available:
+        return
+    dims = "x".join(str(int(n)) for n in shape)
+    fraction = f"1/{round(1 / share)}" if share < 1 else f"{share:g}x"
+    text = (f"{name}: decodes to {dims} {np.dtype(dtype)} = {_gib(nbytes)}, more than {fraction} of the available "
+            f"memory ({_gib(available)}) that a whole-image read may take")
+    if lazy:
+        text += f"; {LAZY_PATH_HINT}"
+    suffix = Path(name).suffix.lower()
+    if suffix in (".jpg", ".jpeg", ".png", ".bmp"):
+        text += (f" ({suffix[1:].upper()} cannot be read in parts: convert it once to a tiled pyramidal TIFF or an "
+                 "OME-Zarr, e.g. napari_histreg.slide.to_zarr_pyramid or `vips tiffsave IN OUT.tif --tile --pyramid`)")
+    raise HistRegInputError(text)
+
+
+def image_header(path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """``(shape, dtype)`` of an image file's full-resolution data, read from its header only
+    (nothing is decoded); None when the header cannot be read that way."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    with contextlib.suppress(Exception):
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                return tuple(series.levels[0].shape), np.dtype(series.dtype)
+        if suffix in (".mha", ".mhd"):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+            dtype = sitk.GetArrayViewFromImage(probe).dtype
+            return tuple(reversed(reader.GetSize())) + (reader.GetNumberOfComponents(),), np.dtype(dtype)
+        from PIL import Image
+
+        with _pil_unlimited(), Image.open(path) as im:
+            bands = len(im.getbands())
+            depth = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}.get(im.mode, 1)
+            return (im.size[1], im.size[0], bands), np.dtype({1: np.uint8, 2: np.uint16, 4: np.float32}[depth])
+    return None
+
+
+@contextlib.contextmanager
+def _pil_unlimited():
+    """Pillow's decompression-bomb limit off: :func:`check_decoded_size` is the guard instead
+    (a true limit of memory, with a message that says what to do)."""
+    import warnings
+
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 # --------------------------------------------------------------------------- images
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, memory_share: float | None = MEMORY_SHARE, lazy_hint: bool = True) -> np.ndarray:
     """An image file as ``(H, W)`` or ``(H, W, C)`` numpy array, dtype as stored.
 
-    jpg/png/bmp/tif/tiff through tifffile or scikit-image, .mha/.mhd through SimpleITK.
+    jpg/png/bmp/tif/tiff through tifffile or scikit-image, .mha/.mhd through SimpleITK. An
+    image that would decode to more than ``memory_share`` of the available memory is refused
+    before decoding (:func:`check_decoded_size`; ``None``: no check).
     """
     path = Path(path)
     if not path.exists():
@@ -75,6 +177,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if path.stat().st_size == 0:
         raise HistRegInputError(f"{path}: file is empty")
     suffix = path.suffix.lower()
+    if memory_share is not None:
+        header = image_header(path)
+        if header is not None:
+            check_decoded_size(str(path), *header, share=memory_share, lazy=lazy_hint)
     try:
         if suffix in (".mha", ".mhd") or (suffix == ".png" and _is_16bit_colour_png(path)):
             image = read_mha(path)  # Pillow reduces 16-bit colour PNGs to 8 bits; SimpleITK keeps them
@@ -85,7 +191,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         else:
             from skimage.io import imread
 
-            image = imread(path)
+            with _pil_unlimited():
+                image = imread(path)
     except HistRegInputError:
         raise
     except Exception as err:  # the readers raise many types for a non-image

@@ -51,6 +51,7 @@ from .stages.mask import OtsuMaskConfig, otsu_tissue_mask
 from .stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from .stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
 from .stages.segment import UNetMaskConfig, unet_tissue_mask
+from .threads import requested_threads, torch_threads
 
 STAGES = ("preprocess", "mask", "initial", "affine", "nonrigid")
 MODES = ("optimise", "learned", "hybrid")
@@ -194,8 +195,11 @@ def hybrid_nonrigid(source, target, field, config: "RegistrationConfig", device=
 class Pipeline:
     """Stages bound to a configuration and a device; any stage attribute may be replaced."""
 
-    def __init__(self, config: RegistrationConfig | None = None, device=None, seed: int | None = 0):
+    def __init__(self, config: RegistrationConfig | None = None, device=None, seed: int | None = 0, threads=None):
         self.config = config or RegistrationConfig()
+        # torch threads per run: a number, or None / "auto" for napari_histreg.threads.choose_threads
+        self.threads = threads
+        requested_threads(threads)  # a bad value fails here, once
         c = self.config
         if c.nonrigid_method not in ("dense", "patches", "none"):
             raise ValueError(f"nonrigid_method must be 'dense', 'patches' or 'none', not {c.nonrigid_method!r}")
@@ -244,7 +248,14 @@ class Pipeline:
         return lambda s, t, f, progress=None: checked_learned_nonrigid(s, t, f, c, device, progress)
 
     def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> RegistrationResult:
-        """Register ``source`` onto ``target`` (arrays already validated)."""
+        """Register ``source`` onto ``target`` (arrays already validated), on the torch threads
+        of :func:`~napari_histreg.threads.choose_threads` (restored afterwards)."""
+        with torch_threads(self.threads) as threads:
+            result = self._run(source, target, progress)
+        result.info["threads"] = threads
+        return result
+
+    def _run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> RegistrationResult:
         seed_everything(self.seed)
         timings: dict[str, float] = {}
         info: dict = {"device": str(self.device), "mode": self.config.mode, "config": self.config.to_dict(), "seed": self.seed}
@@ -259,6 +270,14 @@ class Pipeline:
 
         pair = timed("preprocess", self.preprocess, source, target)
         src, tgt = pair.source, pair.target
+        pc = self.config.preprocess
+        if pc.equalise or pc.clahe:  # non-linear grey levels: fingerprint the original instead
+            from .result import fingerprint
+            from .stages.preprocess import to_grey
+
+            info["source_fingerprint"] = np.round(fingerprint(to_grey(source)), 4).tolist()
+        else:
+            info["source_fingerprint"] = working_fingerprint(src, pair.source_frame, pc.invert)
         blank = [
             n for n, img, raw in (("source", src, source), ("target", tgt, target))
             if float(img.max() - img.min()) < 1e-6 or is_constant(raw)  # padding hides a constant input
@@ -287,6 +306,20 @@ class Pipeline:
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
         return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
+
+
+def working_fingerprint(working_source: np.ndarray, frame, inverted: bool) -> list:
+    """:func:`~napari_histreg.result.fingerprint` of the source from its working image (the
+    padding cropped, the inversion undone), rounded for the sidecar: ``histreg warp`` compares
+    it with the slide it is given."""
+    from .result import fingerprint
+
+    (h, w), (r0, c0) = frame.original_shape, (int(round(frame.offset[0])), int(round(frame.offset[1])))
+    rows, cols = max(1, round(h * frame.scale[0])), max(1, round(w * frame.scale[1]))
+    crop = np.asarray(working_source)[r0 : r0 + rows, c0 : c0 + cols]
+    if inverted:
+        crop = 1.0 - crop
+    return np.round(fingerprint(crop), 4).tolist()
 
 
 MAX_SIZE_RATIO = 4.0
@@ -335,6 +368,7 @@ def register(
     progress: ProgressCallback = None,
     pipeline: Pipeline | None = None,
     mode: str | None = None,
+    threads=None,
 ) -> RegistrationResult:
     """Register ``source`` onto ``target`` and return a :class:`RegistrationResult`.
 
@@ -342,7 +376,9 @@ def register(
     ``progress``: called with :class:`~napari_histreg.progress.ProgressEvent`; raise
     :class:`~napari_histreg.progress.RegistrationCancelled` from it to stop.
     ``mode``: ``"optimise"``, ``"learned"`` or ``"hybrid"`` (overrides ``config.mode``; see
-    :class:`RegistrationConfig`).
+    :class:`RegistrationConfig`). ``threads``: torch threads for this run (default: the free
+    cores, see :func:`napari_histreg.threads.choose_threads`; ``$HISTREG_THREADS`` sets it too);
+    torch's setting is restored afterwards.
     """
     source_name = str(source) if isinstance(source, (str, Path)) else "source"
     target_name = str(target) if isinstance(target, (str, Path)) else "target"
@@ -353,5 +389,16 @@ def register(
         if pipeline is not None:
             raise ValueError("give either mode or pipeline, not both (a pipeline's mode is its config's)")
         config = dataclasses.replace(config or RegistrationConfig(), mode=mode)
-    pipeline = pipeline or Pipeline(config, device=device, seed=seed)
+    if pipeline is not None and threads is not None:
+        pipeline = _with_threads(pipeline, threads)
+    pipeline = pipeline or Pipeline(config, device=device, seed=seed, threads=threads)
     return pipeline.run(source_image, target_image, progress)
+
+
+def _with_threads(pipeline: Pipeline, threads) -> Pipeline:
+    import copy
+
+    requested_threads(threads)
+    pipeline = copy.copy(pipeline)
+    pipeline.threads = threads
+    return pipeline

@@ -237,17 +237,22 @@ def sample_layer_data(seed: int = 0) -> list[tuple]:
     def text():
         return {"string": "{id}", "size": 8, "color": "white", "translation": [-8, 0]}
 
+    from ._napari.layers import LANDMARK_PALETTE  # plain module: no napari, no Qt
+
+    target_colour, source_colour = LANDMARK_PALETTE[:2]  # registered landmarks are magenta
     return [
         (pair.target, {"name": TARGET_NAME, "rgb": True}, "image"),
         (pair.source, {"name": SOURCE_NAME, "rgb": True, "opacity": 0.6}, "image"),
         (
             pair.target_landmarks,
-            {"name": TARGET_POINTS_NAME, "features": {"id": ids}, "text": text(), "size": 8, "face_color": "lime"},
+            {"name": TARGET_POINTS_NAME, "features": {"id": ids}, "text": text(), "size": 8, "face_color": target_colour,
+             "metadata": {"histreg_colour": target_colour}},
             "points",
         ),
         (
             pair.source_landmarks,
-            {"name": SOURCE_POINTS_NAME, "features": {"id": ids.copy()}, "text": text(), "size": 8, "face_color": "magenta"},
+            {"name": SOURCE_POINTS_NAME, "features": {"id": ids.copy()}, "text": text(), "size": 8,
+             "face_color": source_colour, "metadata": {"histreg_colour": source_colour}},
             "points",
         ),
     ]

@@ -73,6 +73,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn", ".qpt
 NGFF_VERSION = "0.4"
 DEFAULT_CHUNK = 1024
 DEFAULT_MIN_SIZE = 256
+#: share of the available memory a slide that must be decoded whole (JPEG, PNG) may take
+SLIDE_MEMORY_SHARE = 1 / 3
 JOB_FILE = ".histreg-job.json"
 PROGRESS_FILE = ".histreg-progress"
 
@@ -136,12 +138,19 @@ class Slide:
         return self.level_for_downsample(max(self.shape) / float(working_size))
 
     def read(self, level: int) -> np.ndarray:
-        """One whole level as a numpy array (meant for the small ones)."""
-        return np.asarray(self.levels[level].compute())
+        """One whole level as a numpy array (meant for the small ones). A virtual level is
+        computed from level 0 in bands of rows (:func:`block_mean_bands`), so memory stays at
+        one band whatever the slide's size. The local threaded scheduler is named explicitly: on
+        a dask.distributed worker the default would ship the graph to the cluster."""
+        if self.virtual[level]:
+            factor = int(round(self.downsamples[level][0]))
+            return block_mean_bands(self.levels[0], factor, self.level_shape(level))
+        return np.asarray(self.levels[level].compute(scheduler="threads"))
 
     def read_region(self, level: int, rows: slice, cols: slice) -> np.ndarray:
-        """``levels[level][rows, cols]`` as numpy, reading only the chunks it overlaps."""
-        return np.asarray(self.levels[level][rows, cols].compute())
+        """``levels[level][rows, cols]`` as numpy, reading only the chunks it overlaps (in the
+        calling thread: callers parallelise over regions)."""
+        return np.asarray(self.levels[level][rows, cols].compute(scheduler="synchronous"))
 
     def frame_to_level0(self, frame: Frame, level: int) -> Frame:
         """A :class:`Frame` of an image of level ``level`` re-expressed against level 0."""
@@ -223,6 +232,23 @@ def halve(array):
     return da.map_blocks(block_mean, array, chunks=out_chunks, dtype=dtype)
 
 
+def block_mean_bands(level0, factor: int, shape, band_bytes: int = 64 * 2**20) -> np.ndarray:
+    """``factor x factor`` block means of a lazy ``(H, W[, C])`` array, of output ``shape``
+    (floor sizes, as chained 2x2 halving gives), computed band of rows by band of rows (each
+    band at most about ``band_bytes`` of float32), dtype kept."""
+    h, w = int(shape[0]), int(shape[1])
+    channels = level0.shape[2:]
+    out = np.empty((h, w) + tuple(channels), dtype=level0.dtype)
+    row_bytes = factor * w * factor * int(np.prod(channels or (1,))) * 4
+    band = max(1, band_bytes // max(row_bytes, 1))  # output rows per band
+    for o0 in range(0, h, band):
+        o1 = min(h, o0 + band)
+        block = np.asarray(level0[o0 * factor : o1 * factor, : w * factor].compute(scheduler="synchronous"))
+        shaped = block.reshape((o1 - o0, factor, w, factor) + tuple(channels)).astype(np.float32)
+        out[o0:o1] = _to_dtype(shaped.mean(axis=(1, 3)), level0.dtype)
+    return out
+
+
 def _virtual_levels(level0, min_size: int) -> list:
     levels = [level0]
     while max(levels[-1].shape[:2]) > min_size and min(levels[-1].shape[:2]) >= 4:
@@ -267,7 +293,8 @@ def open_slide(
         else:
             from .io import read_image
 
-            image = read_image(path)
+            # a JPEG / PNG cannot be read in parts: decoded whole, it is the only large copy here
+            image = read_image(path, memory_share=SLIDE_MEMORY_SHARE, lazy_hint=False)
             slide = _from_array(da.from_array(image, chunks=_array_chunks(image, chunk)), label, path, "image")
     else:
         if hasattr(source, "compute") and hasattr(source, "chunks"):
@@ -308,10 +335,66 @@ def _check_slide(slide: Slide) -> None:
         raise HistRegInputError(f"{slide.name}: image is empty (shape {tuple(level0.shape)})")
 
 
-def _dask_level(array, name: str):
+def _dask_level(array, name: str, chunks=None):
     import dask.array as da
 
-    return da.from_array(array, chunks=array.chunks, name=f"{name}-{uuid.uuid4().hex}", lock=False, asarray=True)
+    return da.from_array(array, chunks=chunks or array.chunks, name=f"{name}-{uuid.uuid4().hex}", lock=False, asarray=True)
+
+
+#: rows per chunk of a flat, uncompressed TIFF read by :class:`ContiguousTiffArray`
+CONTIGUOUS_ROWS = 512
+
+
+class ContiguousTiffArray:
+    """An uncompressed, contiguous TIFF image read row range by row range from the file
+    (``os.pread``), so any region costs its rows only. tifffile's zarr store sees such a file
+    as one chunk (one strip for the whole image: what ``tifffile.imwrite`` and many scanners'
+    exporters write), which would decode the whole image for any read."""
+
+    def __init__(self, path, offset: int, shape, dtype):
+        self.path, self.offset = str(path), int(offset)
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self.chunks = (min(CONTIGUOUS_ROWS, self.shape[0]),) + self.shape[1:]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        rows = key[0] if key else slice(None)
+        if isinstance(rows, (int, np.integer)):
+            rows = slice(int(rows), int(rows) + 1)
+            squeeze = True
+        else:
+            squeeze = False
+        r0, r1, step = rows.indices(self.shape[0])
+        count = max(0, r1 - r0)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, count * self.row_bytes, self.offset + r0 * self.row_bytes)
+        finally:
+            os.close(fd)
+        if len(data) != count * self.row_bytes:
+            raise HistRegInputError(f"{self.path}: file is truncated (rows {r0}..{r1} are missing)")
+        block = np.frombuffer(data, dtype=self.dtype).reshape((count,) + self.shape[1:])[::step]
+        block = block[(slice(None),) + tuple(key[1:])]
+        return block[0] if squeeze else block
+
+
+def _contiguous_reader(tif, series, path) -> "ContiguousTiffArray | None":
+    """A :class:`ContiguousTiffArray` for a one-page, uncompressed, contiguous ``YX`` / ``YXS``
+    series whose image is a single strip taller than a chunk; otherwise None."""
+    with contextlib.suppress(Exception):
+        page = series.pages[0] if len(series.pages) == 1 else None
+        if page is None or series.axes not in ("YX", "YXS") or page.compression != 1:
+            return None
+        if not page.is_contiguous or len(page.dataoffsets) != 1 or page.shape[0] <= CONTIGUOUS_ROWS:
+            return None
+        dtype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
+        shape = tuple(series.shape)
+        if int(page.databytecounts[0]) != int(np.prod(shape)) * dtype.itemsize:
+            return None
+        return ContiguousTiffArray(path, page.dataoffsets[0], shape, dtype)
+    return None
 
 
 def _to_yxc(array, axes: str, name: str):
@@ -358,7 +441,12 @@ def _open_tiff(path: Path, name: str, series: int, store_wrapper) -> Slide:
         else:
             datasets = opened.attrs.get("multiscales", [{}])[0].get("datasets") or [{"path": str(k)} for k in range(len(ser.levels))]
             arrays = [opened[d["path"]] for d in datasets]
-        levels = [_to_yxc(_dask_level(a, f"tiff-{path.name}-{k}"), axes, str(path)) for k, a in enumerate(arrays)]
+        contiguous = _contiguous_reader(tif, ser, path) if len(arrays) == 1 else None
+        if contiguous is not None:
+            # one strip holding the whole image is one zarr chunk: read rows from the file instead
+            levels = [_dask_level(contiguous, f"tiff-{path.name}-0", chunks=contiguous.chunks)]
+        else:
+            levels = [_to_yxc(_dask_level(a, f"tiff-{path.name}-{k}"), axes, str(path)) for k, a in enumerate(arrays)]
     except HistRegInputError:
         tif.close()
         raise
@@ -518,21 +606,36 @@ class PartialOutput:
     :attr:`complete` is True and nothing needs doing).
     """
 
-    def __init__(self, out: str | os.PathLike, job: dict, *, resume: bool = False, overwrite: bool = False):
-        self.out = Path(out)
+    def __init__(self, out: str | os.PathLike, job: dict, *, resume: bool = False, overwrite: bool = False,
+                 inputs: Iterable = ()):
+        from .outputs import check_not_inputs, is_zarr_output
+
+        self.out = Path(os.path.abspath(out))  # "." has no name to put ".partial" after
         self.partial = partial_path(self.out)
         self.job = json.loads(json.dumps(job))
         self.complete = False
         self.done: set[str] = set()
         self._lock = threading.Lock()
         self._log = None
-        if self.out.exists():
+        check_not_inputs([self.out, self.partial], inputs)
+        if self.out.exists() and not (self.out.is_dir() and not any(self.out.iterdir())):
+            # the one output rule (napari_histreg.outputs): only an earlier output of this package is replaced
+            if not is_zarr_output(self.out):
+                raise HistRegInputError(
+                    f"{self.out}: exists and is not an OME-Zarr written by histreg (no {JOB_FILE}); nothing was written: "
+                    "give a new path" + (" (--overwrite only replaces an earlier histreg output)" if overwrite else "")
+                )
             if resume and self._job_in(self.out) == self.job:
                 self.complete = True
                 return
             if not overwrite:
                 raise HistRegInputError(f"{self.out}: output exists; pass overwrite (--overwrite) to replace it")
         if self.partial.exists():
+            if not is_zarr_output(self.partial):
+                raise HistRegInputError(
+                    f"{self.partial}: exists and is not an unfinished histreg output (no {JOB_FILE}); it was left as it is: "
+                    "move it away or give another output path"
+                )
             if resume and self._job_in(self.partial) == self.job:
                 log = self.partial / PROGRESS_FILE
                 if log.exists():
@@ -551,6 +654,15 @@ class PartialOutput:
                 )
         self.partial.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.partial / JOB_FILE, self.job)
+
+    def discard_if_empty(self) -> None:
+        """Remove ``OUT.partial`` when no step was finished in it (a run that failed before
+        doing any work leaves nothing for --resume to continue)."""
+        self.close()
+        if not self.complete and not self.done and self.partial.exists():
+            log = self.partial / PROGRESS_FILE
+            if not log.exists() or not log.read_text().strip():
+                shutil.rmtree(self.partial, ignore_errors=True)
 
     @staticmethod
     def _job_in(folder: Path):
@@ -771,7 +883,7 @@ def to_zarr_pyramid(
     out = Path(out)
     job = {"kind": "zarr pyramid", "source": str(slide.path or slide.name), "shape": list(slide.shape),
            "channels": slide.channels, "dtype": str(slide.dtype), "chunk": chunk, "min_size": min_size}
-    partial = PartialOutput(out, job, resume=resume, overwrite=overwrite)
+    partial = PartialOutput(out, job, resume=resume, overwrite=overwrite, inputs=[slide.path])
     if partial.complete:
         return out
     try:
@@ -784,6 +896,9 @@ def to_zarr_pyramid(
         write_level0_and_pyramid(writer, partial, writer.blocks(0), one, workers, progress, "convert", slide.name)
         writer.finalise({"converted_from": str(slide.path or slide.name)})
         return partial.finish()
+    except BaseException:
+        partial.discard_if_empty()
+        raise
     finally:
         partial.close()
 
@@ -829,6 +944,8 @@ def write_ome_tiff(
     ``compression``: any tifffile codec (``"zlib"``, ``"zstd"``, ``"jpeg"``, ``None``)."""
     import tifffile
 
+    from . import __version__
+
     slide = open_slide(source)
     levels = list(range(len(slide.levels)))
     total = sum(math.ceil(slide.level_shape(k)[0] / tile) for k in levels)
@@ -851,12 +968,12 @@ def write_ome_tiff(
                         report(progress, "tiff", first + row, total, f"level {k}")
                         rows = slice(r0, min(r0 + tile, h))
                         for g0 in range(0, w, group):
-                            data = np.asarray(level[rows, g0 : min(g0 + group, w)].compute())
+                            data = np.asarray(level[rows, g0 : min(g0 + group, w)].compute(scheduler="synchronous"))
                             for c0 in range(0, data.shape[1], tile):
                                 yield data[:, c0 : c0 + tile]
 
                 kwargs = dict(shape=level.shape, dtype=slide.dtype, tile=(tile, tile), photometric=photometric,
-                              compression=compression)
+                              compression=compression, software=f"napari-histreg {__version__}")
                 if k == 0:
                     kwargs.update(subifds=len(levels) - 1, metadata={"axes": axes, "Name": slide.name})
                 else:
@@ -890,8 +1007,10 @@ def register_slides(
     progress: ProgressCallback = None,
     pipeline=None,
     levels: tuple[int, int] | None = None,
+    threads=None,
 ):
-    """Register two slides at the working resolution, reading only one small level of each.
+    """Register two slides at the working resolution, reading only one small level of each
+    (a flat image's level is computed from level 0 band by band: memory stays bounded).
 
     ``source`` / ``target``: :class:`Slide` s or anything :func:`open_slide` opens. The level of
     each is the coarsest one still at least the working size (``config.preprocess.working_size``)
@@ -923,7 +1042,8 @@ def register_slides(
         downs[fine] = (slide.shape[0] / shape[0], slide.shape[1] / shape[1])
     src_arr = check_image(arrays[0], f"{source.name} (level {ls})")
     tgt_arr = check_image(arrays[1], f"{target.name} (level {lt})")
-    result = register(src_arr, tgt_arr, config, device=device, seed=seed, progress=progress, pipeline=pipeline)
+    result = register(src_arr, tgt_arr, config, device=device, seed=seed, progress=progress, pipeline=pipeline,
+                      threads=threads)
     result.source_frame = frame_to_level0(result.source_frame, source.shape, downs[0])
     result.target_frame = frame_to_level0(result.target_frame, target.shape, downs[1])
     result.info["slide"] = {

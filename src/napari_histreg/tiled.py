@@ -159,7 +159,7 @@ def warp_block(
         part = region[br0 - r0 : br1 - r0, bc0 - c0 : bc1 - c0]
         tensor = torch.as_tensor(np.ascontiguousarray(np.moveaxis(part, -1, 0)), dtype=torch.float32)[None]
         if cval:
-            tensor -= cval
+            tensor = tensor - cval  # not in place: the tensor may share memory with the caller's image
         coords[0] -= br0
         coords[1] -= bc0
         grid = pixels_to_normalised(coords.permute(1, 2, 0), (br1 - br0, bc1 - bc0))[None]
@@ -195,10 +195,12 @@ def warp_slide(
     chunk: int | None = None,
     order: int = 1,
     cval: float = 0.0,
-    workers: int = 2,
+    workers: int | None = None,
+    threads=None,
     min_size: int = DEFAULT_MIN_SIZE,
     resume: bool = False,
     overwrite: bool = False,
+    force: bool = False,
     progress: ProgressCallback = None,
     tiff_compression: str | None = "zlib",
     max_region: float = 4.0,
@@ -211,33 +213,48 @@ def warp_slide(
     ``level``: the source pyramid level to warp (0: full resolution); the output is the target
     grid at the same resolution ratio. ``tile``: output tile size in pixels (a multiple of the
     zarr ``chunk``, which defaults to 1024 or the tile); ``order``: 0 nearest, 1 bilinear;
-    ``cval``: value outside the source; ``workers``: tiles warped in parallel threads.
+    ``cval``: value outside the source; ``workers``: tiles warped in parallel threads (default:
+    the thread choice of :func:`napari_histreg.threads.choose_threads` for ``threads``).
     ``progress`` gets ``"warp"``, ``"pyramid"`` and ``"tiff"`` events; raising
     :class:`~napari_histreg.RegistrationCancelled` from it stops the run, leaving
     ``OUTPUT.partial`` (never ``OUTPUT``) to continue with ``resume=True``.
-    ``overwrite`` replaces an existing output (and discards a partial one). Returns ``output``.
+
+    Before anything is written the inputs are checked, each failure a
+    :class:`~napari_histreg.io.HistRegInputError` (or ``ValueError``) naming the problem: the
+    device, the transform sidecar, and whether ``source`` is the slide the transform was
+    computed for (its shape must be proportional to the registered source's, and its
+    thumbnail must match the fingerprint kept in the transform; ``force`` warns instead).
+    ``overwrite`` replaces an earlier output of histreg only (see :mod:`napari_histreg.outputs`).
+    Returns ``output``.
     """
+    from .conventions import default_device
+    from .outputs import check_output_file, is_tool_tiff
+    from .threads import choose_threads
+
     if order not in (0, 1):
         raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), not {order}")
     tile, chunk = _tile_and_chunk(int(tile), chunk)
+    device = default_device(device if device is not None else "cpu")  # an unavailable device fails here, once
+    transform_files = _transform_files(transform)
     result = _as_result(transform)
     slide: Slide = open_slide(source)
     output = Path(output)
     if not 0 <= level < len(slide.levels):
         raise HistRegInputError(f"{slide.name}: has no level {level} (levels 0..{len(slide.levels) - 1})")
     source_shape = slide.level_shape(level)
+    check_slide_matches(result, slide, level, force=force)
     source_frame, target_frame = target_frames(result, source_shape)
     target_shape = tuple(int(n) for n in target_frame.original_shape)
     channels, dtype = slide.channels, np.dtype(slide.dtype)
+    inputs = [slide.path, *transform_files]
     if tiff is not None:
         tiff = Path(tiff)
         if tiff.resolve() == output.resolve():
             raise HistRegInputError(f"{tiff}: the OME-TIFF and the OME-Zarr outputs must differ")
-        if tiff.exists() and not (overwrite or resume):
-            raise HistRegInputError(f"{tiff}: output exists; pass overwrite (--overwrite) to replace it")
-    for out_path in (output, tiff):
-        if out_path is not None and slide.path is not None and out_path.resolve() == Path(slide.path).resolve():
-            raise HistRegInputError(f"{slide.path}: is the input and would be overwritten by the output")
+        if not (resume and tiff.exists() and is_tool_tiff(tiff)):
+            check_output_file(tiff, inputs=inputs, overwrite=overwrite, is_ours=is_tool_tiff, what="OME-TIFF")
+    threads = choose_threads(threads)
+    workers = max(1, int(workers or threads))
 
     job = {
         "kind": "warp",
@@ -254,17 +271,72 @@ def warp_slide(
         "cval": cval,
         "min_size": min_size,
     }
-    partial = PartialOutput(output, job, resume=resume, overwrite=overwrite)
+    partial = PartialOutput(output, job, resume=resume, overwrite=overwrite, inputs=inputs)
     try:
         if not partial.complete:
-            _warp_into(partial, result, slide, level, source_frame, target_frame, target_shape, channels, dtype,
-                       tile=tile, chunk=chunk, order=order, cval=cval, workers=workers, min_size=min_size,
-                       progress=progress, max_region=max_region, device=device)
+            # torch's own threads share the budget with the tile threads (oversubscribed OpenMP
+            # threads spin against each other: napari_histreg.threads)
+            previous = torch.get_num_threads()
+            torch.set_num_threads(max(1, threads // workers))
+            try:
+                _warp_into(partial, result, slide, level, source_frame, target_frame, target_shape, channels, dtype,
+                           tile=tile, chunk=chunk, order=order, cval=cval, workers=workers, min_size=min_size,
+                           progress=progress, max_region=max_region, device=device)
+            finally:
+                torch.set_num_threads(previous)
+    except BaseException:
+        partial.discard_if_empty()  # nothing done: nothing for --resume to continue
+        raise
     finally:
         partial.close()
     if tiff is not None:
         write_ome_tiff(open_slide(output), tiff, tile=min(512, tile), compression=tiff_compression, progress=progress)
     return output
+
+
+def _transform_files(transform) -> list[Path]:
+    """The sidecar and field files of a transform given as a path (inputs: never outputs)."""
+    if isinstance(transform, RegistrationResult):
+        return []
+    base = Path(transform)
+    json_path = base.with_suffix(".json") if base.suffix != ".json" else base
+    return [json_path, json_path.with_suffix(".mha")]
+
+
+def check_slide_matches(result: RegistrationResult, slide: Slide, level: int = 0, force: bool = False) -> float | None:
+    """Raise :class:`HistRegInputError` unless ``slide`` is the source the transform was computed
+    for: the level's shape must be proportional to the registered source's (any resolution of
+    it is fine), and the slide's thumbnail must correlate with the transform's fingerprint above
+    :data:`~napari_histreg.result.FINGERPRINT_MATCH`. ``force``: warn instead of raising.
+    Returns the thumbnail correlation (None where the transform carries no fingerprint)."""
+    import warnings
+
+    from .result import FINGERPRINT_MATCH, FINGERPRINT_SIZE, fingerprint, fingerprint_similarity
+    from .stages.preprocess import to_grey
+
+    problems = []
+    h, w = slide.level_shape(level)
+    hs, ws = result.source_shape
+    expected_w = ws * h / hs
+    if abs(w - expected_w) > max(2.0, 0.002 * w):
+        problems.append(
+            f"it is {w}x{h} (w x h) at level {level}, not in the proportions of the transform's source ({ws}x{hs})"
+        )
+    similarity = None
+    reference = result.source_fingerprint()
+    if reference is not None and not problems:
+        small = slide.level_for(FINGERPRINT_SIZE * 8)
+        similarity = fingerprint_similarity(reference, fingerprint(to_grey(slide.read(small))))
+        if similarity < FINGERPRINT_MATCH:
+            problems.append(
+                f"its thumbnail does not match the transform's source (correlation {similarity:.2f}, below {FINGERPRINT_MATCH})"
+            )
+    if problems:
+        text = f"{slide.path or slide.name}: not the slide this transform was computed for: {'; '.join(problems)}"
+        if not force:
+            raise HistRegInputError(text + "; pass --force (force=True) to warp it anyway")
+        warnings.warn(text + " (warped anyway: --force)", stacklevel=3)
+    return similarity
 
 
 def _warp_into(partial, result, slide, level, source_frame, target_frame, target_shape, channels, dtype, *, tile, chunk,

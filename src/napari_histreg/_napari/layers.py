@@ -27,8 +27,18 @@ LayerDataTuple = tuple  # (data, kwargs, layer_type)
 
 #: longer side of the grid the displacement preview (vectors, magnitude, Jacobian) is computed on
 PREVIEW_SIZE = 1024
-#: default number of arrows along the longer side of the target
-VECTOR_GRID = 32
+#: default number of arrows along the longer side of the target: 32 covered the canvas
+VECTOR_GRID = 20
+#: arrows are drawn at most this share of the grid spacing long (their 90th percentile), so they
+#: do not cross each other; the ``magnitude`` feature keeps the true length in pixels
+ARROW_SPACING_SHARE = 0.8
+
+#: Landmark colours. Registered (mapped source) landmarks are always magenta, like the warped
+#: source; a landmark file opened in napari takes the first of the others not yet used by a
+#: landmark layer of the viewer (the sample: target lime, source orange), so target, source
+#: and registered points never share a colour.
+REGISTERED_COLOUR = "magenta"
+LANDMARK_PALETTE = ("lime", "orange", "cyan", "yellow", "deepskyblue", "white")
 
 
 # --------------------------------------------------------------------------- layer snapshots
@@ -222,6 +232,22 @@ def points_in_pixels(points_layer, image_layer=None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- landmarks
+def next_landmark_colour(viewer=None, taken=()) -> str:
+    """The first colour of :data:`LANDMARK_PALETTE` that no Points layer of ``viewer`` (and
+    nothing in ``taken``) uses yet."""
+    used = set(taken)
+    if viewer is not None:
+        for layer in unwrap(viewer).layers:
+            if layer_kind(layer) == "points":
+                colour = layer.metadata.get("histreg_colour")
+                if colour:
+                    used.add(colour)
+    for colour in LANDMARK_PALETTE:
+        if colour not in used:
+            return colour
+    return LANDMARK_PALETTE[len(used) % len(LANDMARK_PALETTE)]
+
+
 def landmark_layer(points_rc, ids=None, name="landmarks", *, color="yellow", size=None, extent=None, **kwargs) -> LayerDataTuple:
     """A Points ``LayerDataTuple`` with the landmark ids as the ``id`` feature and as text."""
     points = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
@@ -239,6 +265,7 @@ def landmark_layer(points_rc, ids=None, name="landmarks", *, color="yellow", siz
         "border_color": "black",
         "size": size,
         "symbol": "disc",
+        "metadata": {"histreg_colour": color},
     }
     kw.update(kwargs)
     return (points, kw, "points")
@@ -314,6 +341,18 @@ def field_to_vectors(field: np.ndarray, grid: int = VECTOR_GRID, ratio: float = 
         proj = proj / ratio
     vectors = np.stack([starts, proj], axis=1)
     return vectors, np.linalg.norm(proj, axis=1)
+
+
+def arrow_length(magnitudes, spacing: float) -> float:
+    """The Vectors ``length`` factor that draws the 90th-percentile arrow at most
+    :data:`ARROW_SPACING_SHARE` of the grid ``spacing`` long (1 when they are short already)."""
+    magnitudes = np.asarray(magnitudes, dtype=np.float64)
+    if magnitudes.size == 0:
+        return 1.0
+    long = float(np.percentile(magnitudes, 90))
+    if long <= 0:
+        return 1.0
+    return float(min(1.0, ARROW_SPACING_SHARE * spacing / long))
 
 
 def jacobian_determinant(field: np.ndarray) -> np.ndarray:
@@ -394,6 +433,7 @@ def result_to_layers(
         if vectors:
             vec, mag = field_to_vectors(field, grid, ratio)
             step = extent / max(1, grid)
+            length = arrow_length(mag, step)
             out.append(
                 (
                     vec,
@@ -404,8 +444,9 @@ def result_to_layers(
                         "edge_colormap": "viridis",
                         "edge_width": max(1.0, step / 14.0),
                         "opacity": 0.8,
-                        "length": 1.0,
+                        "length": length,
                         "vector_style": "arrow",
+                        "metadata": {"histreg_arrow_scale": length, "histreg_grid": grid},
                         **placement(tgt_ref),
                     },
                     "vectors",
@@ -455,7 +496,8 @@ def map_points_layer(result, points, *, source_image=None, target_layer=None, na
     ids = landmark_ids(ref.features, len(rc)) if ref.features is not None else None
     size = float(np.median(ref.extra["size"])) if ref.extra.get("size") is not None and np.size(ref.extra["size"]) else None
     return landmark_layer(
-        mapped, ids, name or warped_name(ref.name), color="magenta", size=size, extent=result.target_shape, **placement(target_layer)
+        mapped, ids, name or warped_name(ref.name), color=REGISTERED_COLOUR, size=size, extent=result.target_shape,
+        **placement(target_layer),
     )
 
 
@@ -564,23 +606,39 @@ def _densify_shape(verts: np.ndarray, kind: str, pieces: int = 16) -> tuple[np.n
 _CONSTRUCT_ONLY = {"rgb", "multiscale", "ndim", "cache", "feature_defaults"}
 
 
-def add_layers(viewer, layer_data: Sequence[LayerDataTuple]) -> list:
-    """Add ``LayerDataTuple``s to ``viewer``; a layer of the same name and type is updated in
-    place (data and properties), so re-running a registration replaces its outputs."""
+def owned_layer(viewer, name: str, owner: str):
+    """The layer that ``owner`` made under the name ``name`` (napari may have renamed it
+    ``name [1]`` when another layer had that name), or None."""
+    for layer in unwrap(viewer).layers:
+        meta = getattr(layer, "metadata", {}) or {}
+        if meta.get("histreg_owner") == owner and meta.get("histreg_name") == name:
+            return layer
+    return None
+
+
+def add_layers(viewer, layer_data: Sequence[LayerDataTuple], owner: str = "console") -> list:
+    """Add ``LayerDataTuple``s to ``viewer`` on behalf of ``owner`` (a widget's name; the
+    console's by default). A layer this owner added before under the same name is updated in
+    place (data and properties), so re-running a registration replaces its outputs; a layer of
+    that name made by anyone else (the user, another widget) is never replaced: the new layer
+    gets napari's next free name (``name [1]``)."""
     viewer = unwrap(viewer)
     layers = []
     for datum in layer_data:
         data, kwargs, kind = (tuple(datum) + ({}, "image"))[:3]
         kwargs = dict(kwargs or {})
         name = kwargs.get("name")
-        existing = viewer.layers[name] if name and name in viewer.layers else None
+        metadata = dict(kwargs.get("metadata") or {})
+        metadata.update(histreg_owner=owner, histreg_name=name)
+        kwargs["metadata"] = metadata
+        existing = owned_layer(viewer, name, owner) if name else None
         if existing is not None and layer_kind(existing) == kind and _compatible(existing, data, kwargs):
-            _update_layer(existing, data, kwargs)
+            _update_layer(existing, data, {**kwargs, "name": existing.name})
             layers.append(existing)
             continue
         index = viewer.layers.index(existing) if existing is not None else None
         if existing is not None:
-            viewer.layers.remove(existing)
+            viewer.layers.remove(existing)  # ours, but of another kind or shape: rebuilt
         layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
         if index is not None:
             viewer.layers.move(viewer.layers.index(layer), index)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..io import read_landmarks
-from .layers import landmark_layer
+from .layers import landmark_layer, next_landmark_colour
 
 
 def _paths(path) -> list[Path] | None:
@@ -51,13 +51,27 @@ def get_landmarks_reader(path):
 
 
 def read_landmarks_csv(path) -> list[tuple]:
-    """One Points layer per file: ``(row, col)`` data, the ids as the ``id`` feature and text."""
-    layers = []
+    """One Points layer per file: ``(row, col)`` data, the ids as the ``id`` feature and text,
+    each file in a colour no landmark layer of the current viewer has yet (so the target and
+    source landmarks differ, and neither is the registered landmarks' magenta)."""
+    viewer = _current_viewer()
+    layers, taken = [], []
     for p in _paths(path):
         ids, points = read_landmarks(p)
         extent = (points.max(axis=0) + 1) if len(points) else None
-        layers.append(landmark_layer(points, ids, name=p.stem, extent=extent))
+        colour = next_landmark_colour(viewer, taken)
+        taken.append(colour)
+        layers.append(landmark_layer(points, ids, name=p.stem, extent=extent, color=colour))
     return layers
+
+
+def _current_viewer():
+    try:
+        import napari
+
+        return napari.current_viewer()
+    except Exception:  # pragma: no cover - no napari, or no viewer
+        return None
 
 
 def get_transform_reader(path):

@@ -89,6 +89,16 @@ def read_checkpoint(path) -> dict:
     return checkpoint
 
 
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a network checkpoint written by this package (an output that
+    ``histreg train --overwrite`` may replace)."""
+    try:
+        read_checkpoint(path)
+    except NetworkLoadError:
+        return False
+    return True
+
+
 def load_network(weights, kind: str | None = None, device=None) -> nn.Module:
     """Rebuild a network from a checkpoint, in eval mode, on ``device``.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
+from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton, SpinBox
 
 from ...progress import ProgressEvent
 from ..layers import layer_kind, unwrap
@@ -14,12 +14,15 @@ from ..worker import Runner, overall_fraction
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def layer_picker(viewer, label: str, kinds: Sequence[str], *, nullable: bool = False, prefer: str | None = None) -> ComboBox:
+def layer_picker(viewer, label: str, kinds: Sequence[str], *, nullable: bool = False, prefer: str | None = None,
+                 fallback: str = "first", avoid: ComboBox | None = None) -> ComboBox:
     """A ComboBox of the viewer's layers of ``kinds`` (class names, lower case).
 
     It does not rely on being docked (it reads ``viewer`` directly) and refreshes itself when
     layers are added, removed or moved. ``prefer``: a word to look for in layer names for
-    the initial choice ("source", "target", ...).
+    the initial choice ("source", "target", ...); without a match the ``fallback`` layer
+    (``"first"`` or ``"last"`` in the layer list) that ``avoid`` (another picker) has not
+    chosen, so a source and a target picker start on two different images.
     """
 
     def choices(_widget=None):
@@ -37,8 +40,8 @@ def layer_picker(viewer, label: str, kinds: Sequence[str], *, nullable: bool = F
         try:
             combo.reset_choices()
             present = [c for _, c in choices()]
-            if prefer and state["auto"]:
-                pick_preferred(combo, prefer, nullable)
+            if state["auto"] and (prefer or avoid is not None):
+                pick_default(combo, prefer, nullable, fallback, avoid.value if avoid is not None else None)
             elif current is not None and any(current is c for c in present):
                 combo.value = current
         finally:
@@ -49,6 +52,9 @@ def layer_picker(viewer, label: str, kinds: Sequence[str], *, nullable: bool = F
             state["auto"] = False  # a choice made by hand is kept from now on
 
     combo.changed.connect(user_choice)
+    combo.refresh_default = refresh  # type: ignore[attr-defined]
+    if avoid is not None:  # re-pick when the other picker moves onto this one's layer
+        avoid.changed.connect(lambda value: refresh() if value is not None and value is combo.value else None)
     emitters = (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved)
     for emitter in emitters:
         emitter.connect(refresh)
@@ -72,13 +78,25 @@ def on_destroyed(widget, callback) -> None:
 def pick_preferred(combo: ComboBox, word: str, nullable: bool = False) -> None:
     """Choose the layer with the shortest name that contains ``word`` (None for a nullable picker
     without a match; otherwise the current choice stays)."""
+    pick_default(combo, word, nullable, None, None)
+
+
+def pick_default(combo: ComboBox, word: str | None, nullable: bool = False, fallback: str | None = "first",
+                 avoid=None) -> None:
+    """Choose the layer with the shortest name that contains ``word`` ("source" over "source
+    registered"), other than ``avoid``; without one: None for a nullable picker, else the
+    ``fallback`` (``"first"`` / ``"last"``) layer other than ``avoid``, else the current choice."""
     layers = [c for c in combo.choices if c is not None]
-    matches = [layer for layer in layers if word.lower() in layer.name.lower()]
+    matches = [layer for layer in layers if word and word.lower() in layer.name.lower() and layer is not avoid]
     if matches:
-        combo.value = min(matches, key=lambda layer: len(layer.name))  # "source" over "source registered"
+        combo.value = min(matches, key=lambda layer: len(layer.name))
         return
     if nullable:
         combo.value = None
+        return
+    others = [layer for layer in layers if layer is not avoid]
+    if fallback and others:
+        combo.value = others[0] if fallback == "first" else others[-1]
 
 
 def check_pair(source, target) -> None:
@@ -89,15 +107,37 @@ def check_pair(source, target) -> None:
         raise ValueError("source and target are the same layer")
 
 
+def threads_box(label: str = "threads (0: auto)") -> SpinBox:
+    """Torch threads for the run; 0 picks the usable cores other processes leave free
+    (:func:`napari_histreg.threads.choose_threads`)."""
+    import os
+
+    return SpinBox(value=0, min=0, max=max(1, os.cpu_count() or 1), label=label,
+                   tooltip="0: the usable cores that other programs leave free (a busy core slows every thread)")
+
+
+def source_target_pickers(viewer, kinds=("image",)) -> tuple[ComboBox, ComboBox]:
+    """A source and a target image picker that start on two different layers: a layer named
+    like "source" / "target" when there is one, else the source is the top layer and the
+    target the bottom one."""
+    source = layer_picker(viewer, "source (moving)", kinds, prefer="source", fallback="last")
+    target = layer_picker(viewer, "target (fixed)", kinds, prefer="target", fallback="first", avoid=source)
+    return source, target
+
+
 class RunWidget(Container):
     """A widget whose action runs in a background worker.
 
     Subclasses put their own inputs in ``widgets`` and implement :meth:`prepare` (GUI thread:
     read the inputs, return ``job(progress) -> payload`` for the worker thread) and
-    :meth:`apply` (GUI thread: turn the payload into layers / session state).
+    :meth:`apply` (GUI thread: turn the payload into layers / session state). The layers a
+    widget adds carry its :attr:`owner`: it updates its own layers and never replaces anyone
+    else's. The widget scrolls when docked in a short window.
     """
 
     run_text = "Run"
+    #: who the layers this widget adds belong to (see :func:`~napari_histreg._napari.layers.add_layers`)
+    owner = "widget"
     #: stages whose events move the progress bar, in order (see ``worker.STAGE_WEIGHTS``);
     #: ``None``: every event fills the bar by its own step/total
     stages: tuple[str, ...] | None = None
@@ -112,7 +152,7 @@ class RunWidget(Container):
         if hasattr(self._status.native, "setWordWrap"):
             self._status.native.setWordWrap(True)
         buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
-        super().__init__(widgets=[*widgets, buttons, self._progress, self._status])
+        super().__init__(widgets=[*widgets, buttons, self._progress, self._status], scrollable=True)
         self.runner = Runner(
             on_event=self._on_event,
             on_result=self._on_result,

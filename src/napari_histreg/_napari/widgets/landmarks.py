@@ -88,7 +88,8 @@ class LandmarksWidget(Container):
         self.save_moving = PushButton(text="Save registered landmarks")
         buttons = Container(widgets=[self.save_target, self.save_moving], layout="horizontal", labels=False)
         super().__init__(
-            widgets=[self.target_image, self.target_points, self.moving_points, self.summary, self.table, self.path, buttons]
+            widgets=[self.target_image, self.target_points, self.moving_points, self.summary, self.table, self.path, buttons],
+            scrollable=True,
         )
         self.stats: dict = {}
         self._connected: list = []

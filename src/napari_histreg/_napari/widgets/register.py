@@ -10,7 +10,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBo
 from ...pipeline import MASK_METHODS, MODES, RegistrationConfig, register
 from ...progress import report
 from ..layers import add_layers, image_ref, result_to_layers, snapshot
-from ._base import DEVICES, RunWidget, check_pair, layer_picker
+from ._base import DEVICES, RunWidget, check_pair, layer_picker, source_target_pickers, threads_box
 
 if TYPE_CHECKING:
     import napari
@@ -76,12 +76,12 @@ class RegisterWidget(RunWidget):
     """
 
     run_text = "Register"
+    owner = "registration"  # shared with the step widgets: one registration result, one set of layers
     stages = ("preprocess", "mask", "initial", "affine", "nonrigid", "layers")
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         defaults = RegistrationConfig()
-        self.source = layer_picker(napari_viewer, "source (moving)", ("image",), prefer="source")
-        self.target = layer_picker(napari_viewer, "target (fixed)", ("image",), prefer="target")
+        self.source, self.target = source_target_pickers(napari_viewer)
         self.source_points = layer_picker(napari_viewer, "source landmarks", ("points",), nullable=True, prefer="source")
         self.mode = ComboBox(
             value=defaults.mode, choices=list(MODES), label="mode",
@@ -101,11 +101,13 @@ class RegisterWidget(RunWidget):
         self.show_magnitude = CheckBox(value=False, text="displacement magnitude image")
         self.show_jacobian = CheckBox(value=False, text="Jacobian determinant image")
         self.device = ComboBox(value="auto", choices=list(DEVICES), label="device")
+        self.threads = threads_box()
         self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
         self.advanced = Container(
             widgets=[
                 self.working_size, self.use_initial, self.use_affine, self.use_mask, self.mask_method, self.nonrigid_method,
-                self.iterations, self.regularisation, self.show_magnitude, self.show_jacobian, self.device, self.seed,
+                self.iterations, self.regularisation, self.show_magnitude, self.show_jacobian, self.device, self.threads,
+                self.seed,
             ],
             label="",
         )
@@ -138,6 +140,7 @@ class RegisterWidget(RunWidget):
         config = self.config()
         device = resolve_device(self.device.value)
         seed = int(self.seed.value)
+        threads = int(self.threads.value) or None
         src, tgt = snapshot(source), snapshot(target)
         points = snapshot(self.source_points.value)
         vectors, magnitude, jacobian = self.show_vectors.value, self.show_magnitude.value, self.show_jacobian.value
@@ -152,7 +155,8 @@ class RegisterWidget(RunWidget):
 
         def job(progress):
             src_level, tgt_level = image_ref(src), image_ref(tgt)
-            result = register(src_level.data, tgt_level.data, config, device=device, seed=seed, progress=progress)
+            result = register(src_level.data, tgt_level.data, config, device=device, seed=seed, progress=progress,
+                              threads=threads)
             result.info["stage"] = "register"
             report(progress, "layers", 0, 1, "warping the source")
             layers = result_to_layers(
@@ -166,7 +170,9 @@ class RegisterWidget(RunWidget):
 
     def apply(self, payload) -> str:
         result, layers, source_name, target_name = payload
-        add_layers(self.viewer, layers)
+        add_layers(self.viewer, layers, owner=self.owner)
         self.session.set_result(result, source_name, target_name)
         total = result.timings.get("total")
-        return f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
+        threads = result.info.get("threads")
+        return (f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
+                + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""))

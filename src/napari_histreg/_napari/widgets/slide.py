@@ -19,7 +19,7 @@ from magicgui.widgets import CheckBox, FileEdit, SpinBox
 
 from ...slide import TIFF_SUFFIXES, open_slide, partial_path
 from ..readers import _paths
-from ._base import RunWidget
+from ._base import RunWidget, threads_box
 
 if TYPE_CHECKING:
     import napari
@@ -82,6 +82,7 @@ class SlideWarpWidget(RunWidget):
 
     run_text = "Warp slide"
     stages = None
+    owner = "slide"
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         self.slide_path = FileEdit(mode="r", label="slide (source)")
@@ -89,11 +90,13 @@ class SlideWarpWidget(RunWidget):
         self.output_path = FileEdit(mode="w", filter="*.zarr", label="output (.zarr)")
         self.tiff_path = FileEdit(mode="w", filter="*.ome.tif", label="also OME-TIFF (optional)")
         self.tile = SpinBox(value=2048, min=256, max=16384, step=1024, label="tile (px)")
-        self.workers = SpinBox(value=2, min=1, max=32, label="parallel tiles")
+        self.workers = SpinBox(value=0, min=0, max=32, label="parallel tiles (0: one per thread)")
         self.resume = CheckBox(value=False, text="resume an interrupted run")
-        self.overwrite = CheckBox(value=False, text="overwrite an existing output")
+        self.overwrite = CheckBox(value=False, text="overwrite an earlier histreg output")
+        self.force = CheckBox(value=False, text="warp even if the slide does not match the transform")
+        self.threads = threads_box("threads in all (0: auto)")
         super().__init__(napari_viewer, [self.slide_path, self.transform_path, self.output_path, self.tiff_path,
-                                         self.tile, self.workers, self.resume, self.overwrite])
+                                         self.tile, self.workers, self.threads, self.resume, self.overwrite, self.force])
 
     @staticmethod
     def _given(value) -> Path | None:
@@ -109,14 +112,16 @@ class SlideWarpWidget(RunWidget):
         if slide is None or out is None:
             raise ValueError("choose the slide and the output folder")
         transform_file = self._given(self.transform_path.value)
-        transform = RegistrationResult.load(transform_file) if transform_file else self.session.result
+        if transform_file:
+            RegistrationResult.load(transform_file)  # a bad sidecar is refused here, before any worker starts
+        transform = transform_file or self.session.result
         if transform is None:
             raise ValueError("choose a transform file (no transform in this session yet)")
         tiff = self._given(self.tiff_path.value)
         tile = int(self.tile.value)
         options = dict(tiff=tiff, tile=tile if tile <= 1024 or tile % 1024 == 0 else tile // 1024 * 1024,
-                       workers=int(self.workers.value), resume=bool(self.resume.value),
-                       overwrite=bool(self.overwrite.value))
+                       workers=int(self.workers.value) or None, threads=int(self.threads.value) or None,
+                       resume=bool(self.resume.value), overwrite=bool(self.overwrite.value), force=bool(self.force.value))
 
         def job(progress):
             return warp_slide(transform, slide, out, progress=progress, **options)

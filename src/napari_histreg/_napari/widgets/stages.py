@@ -25,9 +25,10 @@ from ...stages.mask import otsu_tissue_mask
 from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
 from ...stages.segment import unet_tissue_mask
-from ..layers import add_layers, image_ref, result_to_layers, snapshot, working_placement
+from ...threads import torch_threads
+from ..layers import add_layers, image_ref, map_points_layer, result_to_layers, snapshot, working_placement
 from ..session import PairKey
-from ._base import DEVICES, RunWidget, check_pair, layer_picker
+from ._base import DEVICES, RunWidget, check_pair, layer_picker, source_target_pickers, threads_box
 from .register import resolve_device, scaled
 
 if TYPE_CHECKING:
@@ -68,18 +69,52 @@ def _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress):
 
 
 class _StageWidget(RunWidget):
-    """Source/target pickers and device; the pair comes from the session or is made here."""
+    """Source/target pickers, device and threads; the pair comes from the session or is made
+    here. Stages that produce a transform also map the chosen source landmarks, so every
+    result layer (warped image, arrows, registered landmarks) shows the same, latest result."""
+
+    owner = "registration"  # the layers of Register too: one registration, one set of result layers
+    maps_landmarks = True
 
     def __init__(self, napari_viewer, widgets: list, run_text: str) -> None:
-        self.source = layer_picker(napari_viewer, "source (moving)", ("image",), prefer="source")
-        self.target = layer_picker(napari_viewer, "target (fixed)", ("image",), prefer="target")
+        self.source, self.target = source_target_pickers(napari_viewer)
+        extra = []
+        if self.maps_landmarks:
+            self.source_points = layer_picker(napari_viewer, "source landmarks", ("points",), nullable=True, prefer="source")
+            extra.append(self.source_points)
         self.device = ComboBox(value="auto", choices=list(DEVICES), label="device")
-        super().__init__(napari_viewer, [self.source, self.target, *widgets, self.device], run_text=run_text)
+        self.threads = threads_box()
+        super().__init__(napari_viewer, [self.source, self.target, *extra, *widgets, self.device, self.threads],
+                         run_text=run_text)
 
     def _inputs(self):
         source, target = self.source.value, self.target.value
         check_pair(source, target)
         return source, target, resolve_device(self.device.value)
+
+    def _threaded(self, job):
+        """``job`` run on the widget's torch threads (0: chosen from the free cores)."""
+        threads = int(self.threads.value) or None
+
+        def run(progress):
+            with torch_threads(threads):
+                return job(progress)
+
+        return run
+
+    def _shown(self, source_name: str) -> dict:
+        """Which field layers of this source are already shown (owned by the registration): a
+        stage keeps each of them up to date, so none describes an older result."""
+        from ..layers import owned_layer
+
+        names = {"vectors": "deformation", "magnitude": "displacement magnitude", "jacobian": "Jacobian determinant"}
+        return {flag: owned_layer(self.viewer, f"{source_name} {suffix}", self.owner) is not None for flag, suffix in names.items()}
+
+    def _landmark_layers(self, result, points, src_level, tgt_level) -> list:
+        """The registered landmarks layer for ``points`` (a snapshot, or None: no layer)."""
+        if points is None:
+            return []
+        return [map_points_layer(result, points, source_image=src_level, target_layer=tgt_level)]
 
     def _pair_plan(self, source, target):
         """(pair or None, key, config, mask): the session's pair for these layers, or what to
@@ -97,7 +132,7 @@ class _StageWidget(RunWidget):
         if matrix is not None:
             self.session.set_matrix(matrix, stage)
         self.session.set_result(result, *names)
-        add_layers(self.viewer, layers)
+        add_layers(self.viewer, layers, owner=self.owner)
 
 
 class PreprocessWidget(_StageWidget):
@@ -105,6 +140,8 @@ class PreprocessWidget(_StageWidget):
     equalisation) and show the working pair, overlaid on the target."""
 
     stages = None
+    owner = "preprocess"
+    maps_landmarks = False
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         d = PreprocessConfig()
@@ -135,12 +172,12 @@ class PreprocessWidget(_StageWidget):
             ]
             return key, pair, config, mask, layers
 
-        return job
+        return self._threaded(job)
 
     def apply(self, payload) -> str:
         key, pair, config, mask, layers = payload
         self.session.set_pair(key, pair, config, mask)
-        add_layers(self.viewer, layers)
+        add_layers(self.viewer, layers, owner=self.owner)
         h, w = pair.target.shape
         return f"working pair {h}x{w} px (scale {pair.target_frame.scale[0]:.3f})"
 
@@ -165,6 +202,8 @@ class InitialAlignmentWidget(_StageWidget):
         )
         pair, key, pconfig, mask = self._pair_plan(source, target)
         src, tgt = snapshot(source), snapshot(target)
+        points = snapshot(self.source_points.value)
+        shown = self._shown(src.name)
 
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
@@ -172,10 +211,11 @@ class InitialAlignmentWidget(_StageWidget):
             result = _affine_result(p, found.matrix, "initial")
             result.info.update(angle=found.angle, score=found.score)
             report(progress, "layers", 0, 1, "warping the source")
-            layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
+            layers = result_to_layers(result, src_level, target_layer=tgt_level, **shown)
+            layers += self._landmark_layers(result, points, src_level, tgt_level)
             return key, p, pconfig, mask, found, result, layers, src.name, tgt.name
 
-        return job
+        return self._threaded(job)
 
     def apply(self, payload) -> str:
         key, pair, pconfig, mask, found, result, layers, sname, tname = payload
@@ -212,6 +252,8 @@ class AffineWidget(_StageWidget):
         if pair is not None and self.start.value == "previous stage" and self.session.matrix is not None:
             start, started_from = self.session.matrix, self.session.matrix_stage or "previous stage"
         src, tgt = snapshot(source), snapshot(target)
+        points = snapshot(self.source_points.value)
+        shown = self._shown(src.name)
 
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
@@ -224,10 +266,11 @@ class AffineWidget(_StageWidget):
                 matrix = hybrid_affine(p.source, p.target, start, settings, device, progress)
             result = _affine_result(p, matrix, "affine")
             report(progress, "layers", 0, 1, "warping the source")
-            layers = result_to_layers(result, src_level, target_layer=tgt_level, vectors=False)
+            layers = result_to_layers(result, src_level, target_layer=tgt_level, **shown)
+            layers += self._landmark_layers(result, points, src_level, tgt_level)
             return key, p, pconfig, mask, matrix, result, layers, src.name, tgt.name, started_from
 
-        return job
+        return self._threaded(job)
 
     def apply(self, payload) -> str:
         key, pair, pconfig, mask, matrix, result, layers, sname, tname, started_from = payload
@@ -267,7 +310,10 @@ class NonrigidWidget(_StageWidget):
         matrix = self.session.matrix if pair is not None and self.session.matrix is not None else IDENTITY
         started_from = self.session.matrix_stage if pair is not None and self.session.matrix is not None else "identity"
         src, tgt = snapshot(source), snapshot(target)
-        flags = dict(vectors=self.show_vectors.value, magnitude=self.show_magnitude.value, jacobian=self.show_jacobian.value)
+        points = snapshot(self.source_points.value)
+        shown = self._shown(src.name)
+        flags = dict(vectors=self.show_vectors.value or shown["vectors"], magnitude=self.show_magnitude.value or shown["magnitude"],
+                     jacobian=self.show_jacobian.value or shown["jacobian"])
 
         def job(progress):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
@@ -285,10 +331,10 @@ class NonrigidWidget(_StageWidget):
                 info={"stage": "nonrigid", "method": method}, working_source=p.source, working_target=p.target,
             )
             report(progress, "layers", 0, 1, "warping the source")
-            layers = result_to_layers(result, src_level, target_layer=tgt_level, **flags)
+            layers = result_to_layers(result, src_level, target_layer=tgt_level, source_points=points, **flags)
             return key, p, pconfig, mask, result, layers, src.name, tgt.name, started_from
 
-        return job
+        return self._threaded(job)
 
     def apply(self, payload) -> str:
         key, pair, pconfig, mask, result, layers, sname, tname, started_from = payload

@@ -31,6 +31,7 @@ class TransformsWidget(RunWidget):
 
     run_text = "Apply to layer"
     stages = None
+    owner = "transforms"
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         self.current = Label(value="", label="transform")
@@ -102,15 +103,20 @@ class TransformsWidget(RunWidget):
 
         def job(progress):
             progress_event(progress, 0)
-            out = transform_layer(result, ref, target_layer=target, source_image=source_image)
+            out = transform_layer(result, ref, target_layer=target, source_image=source_image, name=transformed_name(ref.name))
             progress_event(progress, 1)
             return out
 
         return job
 
     def apply(self, payload) -> str:
-        add_layers(self.viewer, [payload])
-        return f"added {payload[1]['name']!r}"
+        (layer,) = add_layers(self.viewer, [payload], owner=self.owner)
+        return f"added {layer.name!r}"
+
+
+def transformed_name(name: str) -> str:
+    """The Transforms widget's output name: never the Register result's ``<name> registered``."""
+    return f"{name} transformed"
 
 
 def progress_event(progress, step: int) -> None:

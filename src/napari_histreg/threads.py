@@ -1,0 +1,185 @@
+"""How many threads torch may use: derived from the cores this process may use and how busy they are.
+
+Why this module exists: torch's CPU kernels run on OpenMP threads that spin while they wait for
+each other. When another program keeps a core busy, a thread that is descheduled holds up its
+partner at every parallel region, and two threads on a 2-core machine ran the demo 3.6x slower
+than one (and 20-40x on a machine busier still; ``benchmarks/threads.py`` measures it). So the
+choice is made from what is free *now*:
+
+* :func:`usable_cores`: the CPUs this process may run on (its affinity mask, and a cgroup CPU
+  quota where one is set, as in containers);
+* :func:`choose_threads`: those cores minus the ones other processes kept busy since the last
+  look (``/proc/stat`` minus this process's own CPU time; the load average elsewhere), at
+  least 1. An explicit number (``--threads N``, ``threads=N``) or ``$HISTREG_THREADS`` wins.
+
+A busy core that only appears during a run cannot be foreseen: for that case the package
+lowers libgomp's spin count (``GOMP_SPINCOUNT``, see :func:`limit_spinning`), which halves the
+cost of contention without slowing a quiet machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+
+ENV = "HISTREG_THREADS"
+#: libgomp's spin count before a waiting thread sleeps. Its default (300 000 when no wait
+#: policy is set) burns a contended core; 10 000 measured the same quiet time as the default
+#: and 1.8x less time beside a busy process (benchmarks/threads.py), 1 000 slowed quiet runs.
+SPINCOUNT = "10000"
+_FRESH = 30.0  # seconds: a previous look older than this is not used
+_MIN_INTERVAL = 0.1  # seconds of observation needed to judge the load
+
+
+def limit_spinning() -> None:
+    """Set ``GOMP_SPINCOUNT`` unless the user set it (or an OpenMP wait policy); only effective
+    before torch is imported, which is why the package calls it first."""
+    if "torch" in sys.modules:
+        return
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs allowed by a cgroup v2 (``cpu.max``) or v1 (``cfs_quota_us``) quota, if any."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = _read("/sys/fs/cgroup/cpu.max").split()[:2]
+        return None if quota == "max" else float(quota) / float(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota = float(_read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
+        period = float(_read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+        return None if quota <= 0 else quota / period
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """Machine-wide busy CPU seconds, this process's CPU seconds and the wall clock, at one time."""
+
+    busy: float | None  # None where /proc/stat is not available
+    own: float
+    wall: float
+
+
+def _proc_stat_busy() -> float | None:
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user time
+    total = sum(ticks[:8])
+    return (total - idle) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def sample() -> CpuSample:
+    times = os.times()
+    return CpuSample(_proc_stat_busy(), times.user + times.system, time.monotonic())
+
+
+def busy_elsewhere(since: CpuSample, now: CpuSample | None = None) -> float:
+    """Cores kept busy by *other* processes between ``since`` and ``now``."""
+    now = now or sample()
+    interval = now.wall - since.wall
+    if now.busy is None or since.busy is None or interval <= 0:
+        with contextlib.suppress(AttributeError, OSError):
+            return max(0.0, os.getloadavg()[0] - 1.0)  # our own process counts in the load
+        return 0.0
+    others = (now.busy - since.busy) - (now.own - since.own)
+    return max(0.0, others / interval)
+
+
+_last: CpuSample | None = sample()  # taken when the package is imported (before torch)
+
+
+def threads_from_load(cores: int, busy: float) -> int:
+    """Threads for ``cores`` usable cores of which ``busy`` are kept busy by others: the free
+    ones, a core at least half free counting as free, at least one."""
+    return max(1, min(cores, int(math.floor(cores - busy + 0.5))))
+
+
+def requested_threads(requested=None) -> int | None:
+    """The explicit choice, if any: ``requested`` (a positive int; ``None``, 0 or ``"auto"``
+    for none), else ``$HISTREG_THREADS``. A bad value raises ``ValueError`` naming it."""
+    for value, source in ((requested, "threads"), (os.environ.get(ENV), f"${ENV}")):
+        if value is None or value == "" or value == "auto" or value == 0:
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source} must be a positive number of threads or 'auto', not {value!r}") from None
+        if number <= 0:
+            raise ValueError(f"{source} must be a positive number of threads or 'auto', not {value!r}")
+        return number
+    return None
+
+
+def choose_threads(requested=None) -> int:
+    """Threads for the next computation: ``requested`` or ``$HISTREG_THREADS`` when given
+    (see :func:`requested_threads`), otherwise the usable cores not kept busy by other
+    processes since the last look (taken at import, or by the previous call; a look older than
+    30 s is replaced by a fresh 0.1 s one)."""
+    explicit = requested_threads(requested)
+    return explicit if explicit is not None else free_cores()
+
+
+def free_cores() -> int:
+    """The usable cores not kept busy by other processes since the last look (see
+    :func:`choose_threads`), at least 1."""
+    global _last
+    now = sample()
+    since = _last
+    if since is None or now.wall - since.wall > _FRESH:
+        since = now
+    if now.wall - since.wall < _MIN_INTERVAL:
+        time.sleep(_MIN_INTERVAL - (now.wall - since.wall))
+        now = sample()
+    _last = now
+    return threads_from_load(usable_cores(), busy_elsewhere(since, now))
+
+
+@contextlib.contextmanager
+def torch_threads(requested=None):
+    """Run the block with :func:`choose_threads` torch threads; the previous setting is
+    restored afterwards. Yields the number used."""
+    import torch
+
+    number = choose_threads(requested)
+    previous = torch.get_num_threads()
+    if number != previous:
+        torch.set_num_threads(number)
+    try:
+        yield number
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def default_workers(limit: int = 4) -> int:
+    """Worker processes for a local dask cluster: one per free usable core, at most ``limit``."""
+    return max(1, min(limit, free_cores()))
