@@ -268,3 +268,55 @@ def test_binary_landmark_file(tmp_path):
     path.write_bytes(b"\x00\xff\xfe\x89PNG")
     with pytest.raises(HistRegInputError, match="bin.csv"):
         read_landmarks(path)
+
+
+# --------------------------------------------------------------------------- the size guard
+def test_size_guard_refuses_before_decoding_and_names_the_lazy_path(tmp_path, monkeypatch, capsys):
+    import napari_histreg.io as io_module
+    from napari_histreg.cli import main
+
+    png = tmp_path / "big.png"
+    imsave(png, _image((300, 400, 3)), check_contrast=False)
+    tif = tmp_path / "big.tif"
+    tifffile.imwrite(tif, _image((300, 400, 3)))
+    # pretend this machine has 1 MiB free: 300 x 400 x 3 bytes is more than 1/16 of it
+    monkeypatch.setattr(io_module, "available_memory", lambda: 2**20)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the guard must refuse before decoding")
+
+    monkeypatch.setattr(skimage.io, "imread", no_decoding)
+    monkeypatch.setattr(tifffile, "imread", no_decoding)
+    for path in (png, tif):
+        with pytest.raises(HistRegInputError) as info:
+            read_image(path)
+        text = str(info.value)
+        assert str(path) in text and "300x400x3 uint8" in text and "1/16 of the available memory" in text
+        assert "histreg register-batch" in text and "register_slides" in text
+    assert "PNG cannot be read in parts" in str(pytest.raises(HistRegInputError, read_image, png).value)
+    code = main(["register", str(tif), str(png), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("histreg: error:") == 1 and "register-batch" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_size_guard_replaces_pillows_decompression_bomb_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    jpg = tmp_path / "scan.jpg"
+    imsave(jpg, _image((200, 300, 3)), check_contrast=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # far below the image: Pillow alone would refuse it
+    assert read_image(jpg).shape == (200, 300, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+
+
+def test_image_header_reads_shapes_without_decoding(tmp_path):
+    from napari_histreg.io import image_header
+
+    imsave(tmp_path / "a.png", _image((70, 90, 3)), check_contrast=False)
+    tifffile.imwrite(tmp_path / "b.tif", _image((60, 50), np.uint16))
+    write_mha(tmp_path / "c.mha", _image((40, 30, 3)))
+    assert image_header(tmp_path / "a.png") == ((70, 90, 3), np.dtype(np.uint8))
+    assert image_header(tmp_path / "b.tif") == ((60, 50), np.dtype(np.uint16))
+    shape, dtype = image_header(tmp_path / "c.mha")
+    assert int(np.prod(shape)) == 40 * 30 * 3 and dtype == np.uint8

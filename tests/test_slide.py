@@ -326,3 +326,78 @@ def test_register_slides_brings_levels_to_one_pixel_size(slide_pair):
     points0 = pair.source_landmarks * 4 + 1.5
     before = np.median(np.linalg.norm(points0 - truth, axis=1))
     assert np.median(np.linalg.norm(result.map_source_points(points0) - truth, axis=1)) < 0.5 * before
+
+
+# --------------------------------------------------------------------------- flat TIFFs
+def test_a_one_strip_tiff_is_read_by_rows(tmp_path, monkeypatch):
+    """tifffile.imwrite's default (uncompressed, one strip for the whole image) is one zarr chunk:
+    the slide reads its rows from the file instead, so a region costs its rows only."""
+    import os as os_module
+
+    import napari_histreg.slide as slide_module
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (1500, 700, 3), dtype=np.uint8)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, image)
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages[0].dataoffsets) == 1  # really one strip
+    read = []
+    real_pread = os_module.pread
+
+    def counting_pread(fd, n, offset):
+        read.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(slide_module.os, "pread", counting_pread)
+    with open_slide(path) as slide:
+        assert slide.levels[0].chunks[0][0] == 512 and slide.virtual[1]
+        np.testing.assert_array_equal(slide.read_region(0, slice(600, 610), slice(100, 300)), image[600:610, 100:300])
+        assert sum(read) <= 512 * 700 * 3  # one chunk of rows, not the 3 MB image
+        np.testing.assert_array_equal(slide.read(0), image)
+        # a virtual level, computed band by band, equals the 2x2-mean chain to within rounding
+        level2 = slide.read(2)
+        chained = np.asarray(halve(halve(slide.levels[0])).compute(scheduler="synchronous"))
+        assert level2.shape == chained.shape == (375, 175, 3)
+        assert np.abs(level2.astype(int) - chained.astype(int)).max() <= 1
+
+
+def test_block_means_in_bands_match_the_whole_image():
+    import dask.array as da
+
+    from napari_histreg.slide import block_mean_bands
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 60000, (403, 250), dtype=np.uint16)
+    whole = image[:400, :248].reshape(100, 4, 62, 4).astype(np.float32).mean(axis=(1, 3))
+    banded = block_mean_bands(da.from_array(image, chunks=(64, 250)), 4, (100, 62), band_bytes=4 * 62 * 16 * 4 * 3)
+    np.testing.assert_array_equal(banded, np.rint(whole).astype(np.uint16))
+
+
+def test_register_slides_on_a_flat_tiff_reads_level_zero_in_bands(tmp_path, monkeypatch):
+    """The lazy path on a flat TIFF: the working level comes from bands of rows, never a whole
+    level-0 copy (tracemalloc counts numpy's buffers; bands of 1 MB here, 64 MB by default)."""
+    import tracemalloc
+
+    import napari_histreg.slide as slide_module
+    from napari_histreg.sample import make_sample_pair
+
+    monkeypatch.setattr(slide_module, "BAND_BYTES", 2**20)
+    pair = make_sample_pair()
+    big = np.repeat(np.repeat(pair.source, 4, axis=0), 4, axis=1)  # 2048 x 2048 RGB, 12 MB
+    tifffile.imwrite(tmp_path / "source.tif", big)
+    imsave_target = tmp_path / "target.tif"
+    tifffile.imwrite(imsave_target, np.repeat(np.repeat(pair.target, 4, axis=0), 4, axis=1))
+    config = RegistrationConfig()
+    config.preprocess.working_size = 256
+    config.nonrigid_method = "none"
+    with open_slide(tmp_path / "source.tif") as source:
+        tracemalloc.start()
+        level = source.read(source.level_for(256))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert level.shape == (256, 256, 3)
+        assert peak < big.nbytes / 2, peak  # less than half a level-0 copy
+    result = register_slides(tmp_path / "source.tif", imsave_target, config, device="cpu")
+    assert result.source_frame.original_shape == (2048, 2048)
+    assert result.info["slide"]["source_level"] == 3

@@ -255,3 +255,83 @@ def test_slide_widget_warps_and_opens_a_lazy_multiscale_layer(viewer, qtbot, tmp
     for data, meta, kind in reader(str(source_tiff)):
         viewer.add_image(data, **meta)
     assert viewer.layers[-1].multiscale and viewer.layers[-1].data[0].shape == (1500, 2000, 3)
+
+
+# --------------------------------------------------------------------------- is it the right slide?
+@pytest.fixture(scope="module")
+def sample_transform(tmp_path_factory):
+    """A real registration of the bundled sample pair (it carries the source fingerprint)."""
+    from napari_histreg import RegistrationConfig, register
+    from napari_histreg.sample import make_sample_pair
+
+    pair = make_sample_pair()
+    config = RegistrationConfig()
+    config.preprocess.working_size = 128
+    config.nonrigid_method = "none"
+    result = register(pair.source, pair.target, config, mode="optimise")
+    folder = tmp_path_factory.mktemp("sample-tf")
+    return pair, result, result.save(folder / "transform")
+
+
+def test_warp_checks_that_the_slide_is_the_transforms_source(sample_transform, tmp_path, capsys):
+    import json
+    import warnings
+
+    from skimage.transform import rescale
+
+    from napari_histreg.slide import open_slide
+    from napari_histreg.tiled import check_slide_matches
+
+    pair, result, json_path = sample_transform
+    assert len(json.dumps(json.loads(json_path.read_text())["info"]["source_fingerprint"])) < 8000  # small sidecar
+    # the source itself, at half resolution, or as a pyramidal OME-TIFF: all the same slide
+    half = rescale(pair.source, 0.5, channel_axis=-1, anti_aliasing=True, preserve_range=True).astype(np.uint8)
+    write_ome_tiff(pair.source, tmp_path / "source.ome.tif", tile=256)
+    for candidate in (pair.source, half, tmp_path / "source.ome.tif"):
+        assert check_slide_matches(result, open_slide(candidate)) > 0.97
+    # another section of the same size, or the source turned, is not
+    for wrong in (pair.target, np.ascontiguousarray(np.rot90(pair.source))):
+        with pytest.raises(HistRegInputError, match="not the slide this transform was computed for.*thumbnail"):
+            check_slide_matches(result, open_slide(wrong))
+    # other proportions: refused by size
+    with pytest.raises(HistRegInputError, match="not in the proportions"):
+        check_slide_matches(result, open_slide(pair.source[:, :400]))
+    # the command line: one line, exit 2, nothing written; --force warns and warps
+    tifffile.imwrite(tmp_path / "target.tif", pair.target)
+    out = tmp_path / "w.zarr"
+    args = ["warp", str(tmp_path / "target.tif"), str(json_path), "-o", str(out), "-q", "--tile", "256"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("histreg: error:") == 1 and "--force" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "w.zarr.partial").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--force"]) == 0
+    assert "warped anyway" in capsys.readouterr().err and out.exists()
+
+
+def test_warp_names_a_damaged_sidecar(sample_transform, tmp_path, capsys):
+    import json
+
+    _, _, json_path = sample_transform
+    sidecar = json.loads(json_path.read_text())
+    source = tmp_path / "source.tif"
+    tifffile.imwrite(source, sample_transform[0].source)
+    cases = {
+        "no_field.json": ({k: v for k, v in sidecar.items() if k != "field_file"}, "lacks 'field_file'"),
+        "bad_frame.json": ({**sidecar, "source_frame": {"shape": [1]}}, "'source_frame' is not a valid frame"),
+        "other.json": ({"format": "something else"}, "not a napari-histreg transform sidecar"),
+        "missing_mha.json": ({**sidecar, "field_file": "nowhere.mha"}, "nowhere.mha"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        code = main(["warp", str(source), str(tmp_path / name), "-o", str(tmp_path / "o.zarr"), "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("histreg: error:") == 1 and "Traceback" not in err, (name, err)
+    # a field of another transform beside this sidecar
+    other = make_result()
+    other.save(tmp_path / "other")
+    (tmp_path / "mixed.json").write_text(json.dumps({**sidecar, "field_file": "other.mha"}))
+    assert main(["warp", str(source), str(tmp_path / "mixed.json"), "-o", str(tmp_path / "o.zarr"), "-q"]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.partial").exists()

@@ -272,10 +272,10 @@ class Pipeline:
         src, tgt = pair.source, pair.target
         pc = self.config.preprocess
         if pc.equalise or pc.clahe:  # non-linear grey levels: fingerprint the original instead
-            from .result import fingerprint
+            from .result import encode_fingerprint, fingerprint
             from .stages.preprocess import to_grey
 
-            info["source_fingerprint"] = np.round(fingerprint(to_grey(source)), 4).tolist()
+            info["source_fingerprint"] = encode_fingerprint(fingerprint(to_grey(source)))
         else:
             info["source_fingerprint"] = working_fingerprint(src, pair.source_frame, pc.invert)
         blank = [
@@ -308,18 +308,18 @@ class Pipeline:
         return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
 
 
-def working_fingerprint(working_source: np.ndarray, frame, inverted: bool) -> list:
+def working_fingerprint(working_source: np.ndarray, frame, inverted: bool) -> dict:
     """:func:`~napari_histreg.result.fingerprint` of the source from its working image (the
-    padding cropped, the inversion undone), rounded for the sidecar: ``histreg warp`` compares
+    padding cropped, the inversion undone), encoded for the sidecar: ``histreg warp`` compares
     it with the slide it is given."""
-    from .result import fingerprint
+    from .result import encode_fingerprint, fingerprint
 
     (h, w), (r0, c0) = frame.original_shape, (int(round(frame.offset[0])), int(round(frame.offset[1])))
     rows, cols = max(1, round(h * frame.scale[0])), max(1, round(w * frame.scale[1]))
     crop = np.asarray(working_source)[r0 : r0 + rows, c0 : c0 + cols]
     if inverted:
         crop = 1.0 - crop
-    return np.round(fingerprint(crop), 4).tolist()
+    return encode_fingerprint(fingerprint(crop))
 
 
 MAX_SIZE_RATIO = 4.0

@@ -200,7 +200,7 @@ class RegistrationResult:
     def source_fingerprint(self) -> np.ndarray | None:
         """The thumbnail of the registered source kept in ``info`` (see :func:`fingerprint`)."""
         data = self.info.get("source_fingerprint") if isinstance(self.info, dict) else None
-        return None if data is None else np.asarray(data, dtype=np.float32)
+        return None if data is None else decode_fingerprint(data)
 
 
 #: keys a transform sidecar must hold
@@ -225,6 +225,28 @@ def fingerprint(grey: np.ndarray) -> np.ndarray:
     scale = FINGERPRINT_SIZE / max(h, w)
     shape = (max(2, round(h * scale)), max(2, round(w * scale)))
     return resample(grey, shape).cpu().numpy().astype(np.float32)
+
+
+def encode_fingerprint(thumbnail: np.ndarray) -> dict:
+    """A fingerprint for the sidecar: min-max scaled to 8 bits, base64 (about 5 kB)."""
+    import base64
+
+    t = np.asarray(thumbnail, dtype=np.float32)
+    lo, hi = float(t.min()), float(t.max())
+    scaled = np.zeros(t.shape, np.uint8) if hi <= lo else np.rint((t - lo) / (hi - lo) * 255).astype(np.uint8)
+    return {"shape": list(t.shape), "uint8": base64.b64encode(scaled.tobytes()).decode("ascii")}
+
+
+def decode_fingerprint(data) -> np.ndarray | None:
+    """The thumbnail of :func:`encode_fingerprint` (None when ``data`` is not one)."""
+    import base64
+
+    try:
+        shape = tuple(int(n) for n in data["shape"])
+        raw = np.frombuffer(base64.b64decode(data["uint8"]), dtype=np.uint8)
+        return raw.reshape(shape).astype(np.float32) / 255.0
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def fingerprint_similarity(a: np.ndarray, b: np.ndarray) -> float:

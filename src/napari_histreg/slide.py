@@ -232,10 +232,15 @@ def halve(array):
     return da.map_blocks(block_mean, array, chunks=out_chunks, dtype=dtype)
 
 
-def block_mean_bands(level0, factor: int, shape, band_bytes: int = 64 * 2**20) -> np.ndarray:
+#: float32 bytes per band of :func:`block_mean_bands`
+BAND_BYTES = 64 * 2**20
+
+
+def block_mean_bands(level0, factor: int, shape, band_bytes: int | None = None) -> np.ndarray:
     """``factor x factor`` block means of a lazy ``(H, W[, C])`` array, of output ``shape``
     (floor sizes, as chained 2x2 halving gives), computed band of rows by band of rows (each
-    band at most about ``band_bytes`` of float32), dtype kept."""
+    band at most about ``band_bytes`` of float32, default :data:`BAND_BYTES`), dtype kept."""
+    band_bytes = band_bytes or BAND_BYTES
     h, w = int(shape[0]), int(shape[1])
     channels = level0.shape[2:]
     out = np.empty((h, w) + tuple(channels), dtype=level0.dtype)

@@ -130,7 +130,7 @@ def requested_threads(requested=None) -> int | None:
         if value is None or value == "" or value == "auto" or value == 0:
             continue
         try:
-            number = int(value)
+            number = int(str(value).strip())  # "2.5" and 2.5 are refused, not truncated
         except (TypeError, ValueError):
             raise ValueError(f"{source} must be a positive number of threads or 'auto', not {value!r}") from None
         if number <= 0:
