@@ -107,6 +107,42 @@ def check_pair(source, target) -> None:
         raise ValueError("source and target are the same layer")
 
 
+def make_scrollable(container: Container) -> None:
+    """Put the contents of ``container`` in a scroll area inside its own native widget, which is
+    what napari docks (``container.native``; magicgui's ``scrollable=True`` wraps the scroll
+    area *around* it, where napari never sees it). The widget asks for its natural height and
+    shrinks to a scrolling strip when the window is short, so docking every widget keeps the
+    window on the screen."""
+    from qtpy.QtCore import QSize
+    from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+
+    class _Area(QScrollArea):
+        def sizeHint(self):  # natural size of the contents (QScrollArea's own hint is a small fixed one)
+            hint = self.widget().sizeHint()
+            return QSize(hint.width() + self.verticalScrollBar().sizeHint().width(), hint.height() + 2)
+
+        def minimumSizeHint(self):
+            return QSize(super().minimumSizeHint().width(), 80)
+
+    from qtpy.QtCore import Qt
+
+    native = container.native
+    content = QWidget()
+    layout = native.layout()
+    layout.addStretch(1)  # widgets stay together at the top when the dock is taller than they are
+    content.setLayout(layout)  # moves the layout and every widget in it
+    area = _Area()
+    area.setWidgetResizable(True)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setWidget(content)
+    outer = QVBoxLayout()
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    native.setLayout(outer)
+    container.scroll_area = area  # type: ignore[attr-defined]
+
+
 def threads_box(label: str = "threads (0: auto)") -> SpinBox:
     """Torch threads for the run; 0 picks the usable cores other processes leave free
     (:func:`napari_histreg.threads.choose_threads`)."""
@@ -152,7 +188,8 @@ class RunWidget(Container):
         if hasattr(self._status.native, "setWordWrap"):
             self._status.native.setWordWrap(True)
         buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
-        super().__init__(widgets=[*widgets, buttons, self._progress, self._status], scrollable=True)
+        super().__init__(widgets=[*widgets, buttons, self._progress, self._status])
+        make_scrollable(self)
         self.runner = Runner(
             on_event=self._on_event,
             on_result=self._on_result,

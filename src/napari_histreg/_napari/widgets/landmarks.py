@@ -13,7 +13,7 @@ from magicgui.widgets import Container, FileEdit, Label, PushButton, Table
 from ...metrics import rtre
 from ..layers import fill_ids, landmark_ids, points_in_pixels, unwrap
 from ..writers import write_landmarks_csv
-from ._base import layer_picker, on_destroyed
+from ._base import layer_picker, make_scrollable, on_destroyed
 
 if TYPE_CHECKING:
     import napari
@@ -89,8 +89,8 @@ class LandmarksWidget(Container):
         buttons = Container(widgets=[self.save_target, self.save_moving], layout="horizontal", labels=False)
         super().__init__(
             widgets=[self.target_image, self.target_points, self.moving_points, self.summary, self.table, self.path, buttons],
-            scrollable=True,
         )
+        make_scrollable(self)
         self.stats: dict = {}
         self._connected: list = []
         on_destroyed(self, self._disconnect_layers)
