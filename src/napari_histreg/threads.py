@@ -110,8 +110,21 @@ def busy_elsewhere(since: CpuSample, now: CpuSample | None = None) -> float:
         with contextlib.suppress(AttributeError, OSError):
             return max(0.0, os.getloadavg()[0] - 1.0)  # our own process counts in the load
         return 0.0
-    others = (now.busy - since.busy) - (now.own - since.own)
-    return max(0.0, others / interval)
+    others = max(0.0, (now.busy - since.busy) - (now.own - since.own)) / interval
+    # /proc/stat counts every CPU of the machine; where this process may use fewer (a container
+    # quota, an affinity mask), count the others' load in proportion
+    machine, usable = _machine_cpus(), usable_cores()
+    if machine > usable:
+        others *= usable / machine
+    return others
+
+
+def _machine_cpus() -> int:
+    try:
+        with open("/proc/stat") as handle:
+            return max(1, sum(1 for line in handle if line.startswith("cpu") and line[3:4].isdigit()))
+    except OSError:
+        return os.cpu_count() or 1
 
 
 _last: CpuSample | None = sample()  # taken when the package is imported (before torch)
