@@ -5,7 +5,8 @@ signature to change the method (the notebook in ``examples/`` does this)::
 
     preprocess(source, target)            -> PreparedPair
     mask(image)                           -> bool array (or None: keep everything)
-    initial(source, target, progress)     -> 2x3 backward affine (working pixels)
+    initial(source, target, progress)     -> 2x3 backward affine (working pixels), or an
+                                             InitialAlignment (its .matrix and hypotheses)
     affine(source, target, matrix, progress) -> 2x3 backward affine
     nonrigid(source, target, field, progress) -> (2, H, W) backward field
 
@@ -212,7 +213,7 @@ class Pipeline:
         self.preprocess: Callable[..., PreparedPair] = lambda s, t: preprocess_pair(s, t, c.preprocess, self.device)
         self.mask = self._mask_stage() if c.use_mask else None
         self.initial = (
-            (lambda s, t, progress=None: initial_alignment(s, t, c.initial, self.device, progress).matrix)
+            (lambda s, t, progress=None: initial_alignment(s, t, c.initial, self.device, progress))
             if c.use_initial
             else None
         )
@@ -297,7 +298,12 @@ class Pipeline:
         matrix = identity
         with torch.no_grad():
             if self.initial is not None:
-                matrix = timed("initial", lambda: np.asarray(self.initial(src, tgt, progress), dtype=np.float64))
+                found = timed("initial", lambda: self.initial(src, tgt, progress))
+                # a replaced stage may return the matrix alone; the shipped one its hypotheses too
+                if hasattr(found, "matrix"):
+                    info["initial"] = found.summary() if hasattr(found, "summary") else {}
+                    found = found.matrix
+                matrix = np.asarray(found, dtype=np.float64)
         if self.affine is not None:
             matrix = timed("affine", lambda: np.asarray(self.affine(src, tgt, matrix, progress), dtype=np.float64))
         field = affine_to_field(matrix, tgt.shape)[0].numpy()

@@ -44,30 +44,47 @@ def optimise_affine(
     progress: ProgressCallback = None,
 ) -> np.ndarray:
     """Refine a 2x3 backward pixel affine of ``source`` onto ``target`` (same working grid)."""
+    return optimise_affines(source, target, np.asarray(matrix, dtype=np.float64)[None], config, device, progress)[0]
+
+
+def optimise_affines(
+    source: np.ndarray,
+    target: np.ndarray,
+    matrices: np.ndarray,
+    config: AffineConfig | None = None,
+    device=None,
+    progress: ProgressCallback = None,
+) -> np.ndarray:
+    """:func:`optimise_affine` of a batch of starts ``(B, 2, 3)`` at once: one ``grid_sample``
+    per step for all of them. The loss is the sum of the per-start losses and Adam acts per
+    element, so each start follows exactly the path it would follow alone."""
     config = config or AffineConfig()
     device = device or torch.device("cpu")
     h, w = target.shape
-    params = torch.tensor(affine_pixels_to_normalised(matrix, (h, w)), dtype=torch.float32, device=device)
-    params = params.unsqueeze(0).requires_grad_(True)
+    starts = np.asarray(matrices, dtype=np.float64).reshape(-1, 2, 3)
+    batch = len(starts)
+    params = torch.tensor(np.stack([affine_pixels_to_normalised(m, (h, w)) for m in starts]), dtype=torch.float32, device=device)
+    params.requires_grad_(True)
     total = int(sum(config.iterations))
     done = 0
     for size, iterations in zip(config.levels, config.iterations):
         scale = min(1.0, size / max(h, w))
         shape = (max(8, round(h * scale)), max(8, round(w * scale)))
-        src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
-        tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+        src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None].expand(batch, -1, -1, -1)
+        tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None].expand(batch, -1, -1, -1)
         optimiser = torch.optim.Adam([params], lr=config.learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad()
             grid = normalised_affine_grid(params, shape)
             warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
-            loss = -ncc(warped, tgt).mean()
+            loss = -ncc(warped, tgt).sum()
             loss.backward()
             optimiser.step()
             done += 1
             if done % 10 == 0 or done == total:
                 report(progress, "affine", done, total, f"level {shape[0]}x{shape[1]}")
-    return affine_normalised_to_pixels(params.detach()[0].cpu().numpy(), (h, w))
+    found = params.detach().double().cpu().numpy()
+    return np.stack([affine_normalised_to_pixels(m, (h, w)) for m in found])
 
 
 # --------------------------------------------------------------------------- learned affine
