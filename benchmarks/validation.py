@@ -121,6 +121,115 @@ def make_pairs(images: list[tuple[str, np.ndarray]], warps: int, seed: int) -> l
     return pairs
 
 
+#: The harder variants (issue 12): what consecutive sections not among the development pairs look
+#: like. Each is one geometry and one rendering; ``standard`` is the set above.
+VARIANTS = ("standard", "rotated", "inner-crop", "mirrored", "grey", "clahe", "stretched", "pale")
+
+
+def _grey_rgb(rgb: np.ndarray, clahe: bool = False) -> np.ndarray:
+    """A greyscale rendering (three equal channels), contrast-equalised by CLAHE when asked."""
+    from napari_histreg.stages.preprocess import to_grey
+
+    grey = to_grey(rgb).astype(np.float32)
+    if clahe:
+        from skimage.exposure import equalize_adapthist
+
+        grey = equalize_adapthist(grey, clip_limit=0.02).astype(np.float32)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _renderings(rgb: np.ndarray, variant: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(moving, fixed)`` renderings of one section for ``variant`` (alternating which stain moves)."""
+    from skimage.color import rgb2hed
+
+    from napari_histreg.training.data import render_stains
+
+    if variant == "pale":  # a pale stain against a dark one: optical densities x0.35 and x1.5
+        hed = rgb2hed(np.clip(rgb, 1e-4, 1.0))
+        pale, dark = render_stains(hed, (0.35, 0.35, 0.35)), render_stains(hed, (1.5, 1.5, 1.5))
+        return (pale, dark) if k % 2 == 0 else (dark, pale)
+    haematoxylin, others = stain_renderings(rgb)
+    moving, fixed = (others, haematoxylin) if k % 2 == 0 else (haematoxylin, others)
+    if variant in ("grey", "clahe"):
+        moving, fixed = _grey_rgb(moving, variant == "clahe"), _grey_rgb(fixed, variant == "clahe")
+    return moving, fixed
+
+
+def _variant_geometry(rng: np.random.Generator, variant: str, shape) -> dict:
+    """The known transform's parameters: rotation (degrees), per-axis scale, mirror, the
+    target window (``crop``: a box inside the section, no outline) and the elastic share."""
+    h, w = shape
+    geometry = {"angle": rng.uniform(-20, 20), "scale": np.exp(rng.uniform(-0.1, 0.1, 2) * [1, 1]), "mirror": False,
+                "window": (0, 0, h, w), "shift": rng.uniform(-0.03, 0.03, 2) * [h, w], "elastic": 0.02}
+    geometry["scale"][1] = geometry["scale"][0] * np.exp(rng.uniform(-0.03, 0.03))
+    if variant in ("rotated", "inner-crop"):
+        geometry["angle"] = rng.uniform(0, 360)
+    if variant == "inner-crop":  # a crop of 55% of each side about a point near the centre
+        ch, cw = round(0.55 * h), round(0.55 * w)
+        r0 = int(round((h - ch) / 2 + rng.uniform(-0.05, 0.05) * h))
+        c0 = int(round((w - cw) / 2 + rng.uniform(-0.05, 0.05) * w))
+        geometry["window"] = (r0, c0, ch, cw)
+        geometry["shift"] = rng.uniform(-0.03, 0.03, 2) * [ch, cw]
+    if variant == "mirrored":
+        geometry["mirror"] = True
+    if variant == "stretched":  # anisotropic: up to 1.5x between the axes, either way
+        ratio = rng.uniform(1.25, 1.5)
+        base = np.exp(rng.uniform(-0.05, 0.05))
+        geometry["scale"] = np.array([base * ratio, base]) if rng.uniform() < 0.5 else np.array([base, base * ratio])
+    return geometry
+
+
+def variant_pair(name: str, rgb: np.ndarray, variant: str, rng: np.random.Generator, k: int) -> dict:
+    """One validation pair of ``variant``: the target is the fixed rendering inside the
+    geometry's window; the source, on a grid of the window's size, shows the moving rendering at
+    ``g(p) = c + S R M (p + o - c) + shift + elastic(p)`` (full-image coordinates; ``o`` the
+    window's corner, ``c`` its centre, ``M`` the mirror). Source point ``p`` is target point
+    ``g(p) - o`` exactly."""
+    from napari_histreg.conventions import identity_grid, map_target_to_source, to_tensor, warp
+    from napari_histreg.stages.mask import otsu_tissue_mask
+    from napari_histreg.training.data import random_smooth_field, working_grey
+
+    moving, fixed = _renderings(rgb, variant, k)
+    geometry = _variant_geometry(rng, variant, fixed.shape[:2])
+    r0, c0, hh, ww = geometry["window"]
+    target = np.ascontiguousarray(fixed[r0 : r0 + hh, c0 : c0 + ww])
+    centre = np.array([r0 + (hh - 1) / 2, c0 + (ww - 1) / 2])
+    theta = np.deg2rad(geometry["angle"])
+    linear = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) * np.asarray(geometry["scale"])[:, None]
+    if geometry["mirror"]:
+        linear = linear @ np.diag([1.0, -1.0])
+    points = identity_grid((hh, ww)).numpy().reshape(2, -1).T.astype(np.float64) + [r0, c0]
+    mapped = (points - centre) @ linear.T + centre + geometry["shift"]
+    field = (mapped - (points - [r0, c0])).T.reshape(2, hh, ww).astype(np.float32)
+    field = field + random_smooth_field(rng, (hh, ww), geometry["elastic"] * max(hh, ww))
+    image = torch.from_numpy(np.ascontiguousarray(moving.transpose(2, 0, 1)))[None]
+    # Glass is white: warp 1 - rgb with zero fill so that outside the section is glass too.
+    source = 1.0 - warp(1.0 - image, to_tensor(field)[None])[0].numpy().transpose(1, 2, 0)
+    source = np.clip(source, 0, 1).astype(np.float32)
+    tissue = otsu_tissue_mask(working_grey(source)) if variant != "inner-crop" else np.ones((hh, ww), bool)
+    rows, cols = np.mgrid[8 : hh - 8 : 16, 8 : ww - 8 : 16]
+    keep = tissue[rows, cols]
+    source_rc = np.stack([rows[keep], cols[keep]], axis=1).astype(np.float64)
+    target_rc = map_target_to_source(source_rc, field) - [r0, c0]
+    inside = ((target_rc >= 0) & (target_rc <= np.array([hh, ww]) - 1)).all(axis=1)
+    return {"name": f"{name}#{variant}#{k}", "variant": variant, "source": source, "target": target,
+            "source_rc": source_rc[inside], "target_rc": target_rc[inside]}
+
+
+def make_variant_pairs(images: list[tuple[str, np.ndarray]], variants, warps: int, seed: int) -> list[dict]:
+    """:func:`make_pairs` for ``standard``, :func:`variant_pair` for the others."""
+    pairs = []
+    for variant in variants:
+        if variant == "standard":
+            pairs += [dict(p, variant="standard") for p in make_pairs(images, warps, seed)]
+            continue
+        for index, (name, rgb) in enumerate(images):
+            for k in range(warps):
+                rng = np.random.default_rng([seed, index, k, VARIANTS.index(variant)])
+                pairs.append(variant_pair(name, rgb, variant, rng, k))
+    return pairs
+
+
 def score(result, pair) -> dict:
     """The ANHIR metrics of one registered pair (as ``histreg evaluate`` records them)."""
     from napari_histreg.metrics import pair_metrics
@@ -144,12 +253,34 @@ def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> l
             start = time.perf_counter()
             result = pipeline.run(pair["source"], pair["target"])
             seconds = time.perf_counter() - start
-            row = {"method": name, "pair": pair["name"], "seconds": seconds, **score(result, pair)}
+            row = {"method": name, "pair": pair["name"], "variant": pair.get("variant", "standard"), "seconds": seconds,
+                   **score(result, pair), **confidence_columns(result)}
             rows.append(row)
             if not quiet:
                 print(f"{name:18s} {pair['name']:42s} MrTRE {row['MrTRE']:.5f}  mean {row['mean_rTRE']:.5f}  "
                       f"{seconds:.2f} s", flush=True)
     return rows
+
+
+def confidence_columns(result) -> dict:
+    """The result's confidence, flag and initial-alignment choice (empty where absent)."""
+    from napari_histreg.result import confidence_of
+
+    conf = confidence_of(result)
+    chosen = result.info.get("initial", {}).get("chosen", "")
+    return {"confidence": conf.get("score"), "flag": conf.get("flag", ""), "initial_choice": chosen}
+
+
+def catastrophic_counts(rows: list[dict]) -> dict:
+    """Per method and variant: pairs, pairs that end above their initial error ("worse"), and
+    pairs above 0.02 MrTRE (the issue's failure)."""
+    out: dict = {}
+    for row in rows:
+        entry = out.setdefault(row["method"], {}).setdefault(row.get("variant", "standard"), {"pairs": 0, "worse": 0, "failed": 0})
+        entry["pairs"] += 1
+        entry["worse"] += int(row["MrTRE"] > row["initial_MrTRE"])
+        entry["failed"] += int(row["MrTRE"] > row["initial_MrTRE"] or row["MrTRE"] > 0.02)
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -166,6 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="longer side of every image (px)")
     parser.add_argument("--warps", type=int, default=2, help="known deformations per image")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default="standard",
+                        help=f"comma-separated, or 'all': {', '.join(VARIANTS)} (default: standard)")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=JSON",
                         help="a method: a name and RegistrationConfig overrides (as histreg --config); "
                              "repeatable; default: optimise, hybrid, learned")
@@ -183,13 +316,21 @@ def main(argv=None) -> int:
         name, _, text = item.partition("=")
         methods[name] = json.loads(text) if text else DEFAULT_METHODS[name]
     methods = methods or DEFAULT_METHODS
-    pairs = make_pairs(table_images(args.table, args.size), args.warps, args.seed)
+    variants = VARIANTS if args.variants == "all" else tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    pairs = make_variant_pairs(table_images(args.table, args.size), variants, args.warps, args.seed)
     rows = run(methods, pairs, args.device, args.quiet)
     summary = summarise(rows)
     print(f"\n{len(pairs)} pairs, {sum(len(p['target_rc']) for p in pairs)} points")
     print(f"{'method':18s} {'AMrTRE':>9s} {'MMrTRE':>9s} {'AArTRE':>9s} {'s/pair':>7s}")
     for name, s in summary.items():
         print(f"{name:18s} {s['AMrTRE']:9.5f} {s['MMrTRE']:9.5f} {s['AArTRE']:9.5f} {s['median_seconds']:7.2f}")
+    counts = catastrophic_counts(rows)
+    print("\nper variant: pairs / ended above their initial error / failed (above initial or above 0.02)")
+    for name, per_variant in counts.items():
+        print(f"{name:18s} " + "  ".join(f"{v} {c['pairs']}/{c['worse']}/{c['failed']}" for v, c in per_variant.items()))
     if args.out:
         from napari_histreg.io import atomic_write_json
         from napari_histreg.outputs import staged_outputs
@@ -201,7 +342,8 @@ def main(argv=None) -> int:
                 writer.writeheader()
                 writer.writerows(rows)
             atomic_write_json(stage / "validation.json", {"summary": summary, "methods": methods, "size": args.size,
-                                                          "warps": args.warps, "seed": args.seed})
+                                                          "warps": args.warps, "seed": args.seed, "variants": list(variants),
+                                                          "catastrophic": counts})
     return 0
 
 

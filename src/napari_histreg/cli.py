@@ -397,7 +397,7 @@ def register_and_write(
     from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
     from .metrics import pair_metrics
     from .outputs import check_output_folder, staged_outputs
-    from .pipeline import check_pair_shapes, is_constant, register
+    from .pipeline import check_pair_shapes, is_constant, named_check_warning, register, warn_if_flagged
 
     check_pair_shapes(source_image.shape, target_image.shape, *names)
     for name, image in zip(names, (source_image, target_image)):
@@ -425,8 +425,9 @@ def register_and_write(
         if paired is not None:
             planned.append(OUTPUT_NAMES["metrics"])
 
-    with StageProgress(disable=quiet) as progress:
+    with StageProgress(disable=quiet) as progress, named_check_warning(f"{names[0]} -> {names[1]}"):
         result = register(source_image, target_image, config, device=device, seed=seed, progress=progress, threads=threads)
+    warn_if_flagged(result, f"{names[0]} -> {names[1]}")
 
     report: dict = {"result": result, "outputs": [], "metrics": None}
     mapped_all = None
@@ -442,6 +443,8 @@ def register_and_write(
             source=names[0], target=names[1], source_landmarks=source_landmarks[0], target_landmarks=target_landmarks[0],
             landmark_ids=[str(i) for i in ids], seconds=result.timings.get("total"), timings=result.timings,
             device=str(result.info.get("device")), threads=result.info.get("threads"), seed=seed, version=__version__,
+            confidence=result.confidence.get("score"), flag=result.flag, confidence_measures=result.confidence.get("measures"),
+            initial_choice=result.info.get("initial", {}).get("chosen"),
         )
         report["metrics"] = metrics
 
@@ -492,6 +495,10 @@ def cmd_register(args) -> int:
     result = report["result"]
     _say(f"registered {args.source} onto {args.target} in {result.timings.get('total', 0):.1f} s on "
          f"{result.info.get('device')} ({result.info.get('threads')} thread(s))")
+    if result.confidence:
+        from .confidence import describe
+
+        _say(describe(result.confidence))
     _print_metrics(report["metrics"])
     _say(f"outputs in {args.output}: {', '.join(p.name for p in report['outputs'])}")
     return EXIT_OK

@@ -196,21 +196,49 @@ def map_target_to_source(points_rc, field) -> np.ndarray:
     return mapped.cpu().numpy().astype(np.float64)
 
 
+def affine_part(field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares affine ``(A (2x2), b (2,))`` of the backward map ``p -> p + u(p)`` of a
+    ``(2, H, W)`` field (fitted on a grid of at most 64 x 64 points)."""
+    h, w = field.shape[-2:]
+    rows = torch.linspace(0, h - 1, min(h, 64), dtype=field.dtype, device=field.device)
+    cols = torch.linspace(0, w - 1, min(w, 64), dtype=field.dtype, device=field.device)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    points = torch.stack((rr.reshape(-1), cc.reshape(-1)), dim=1)
+    mapped = points + sample_field_at_points(field, points)
+    design = torch.cat((points, torch.ones_like(points[:, :1])), dim=1)  # (N, 3)
+    solution = torch.linalg.lstsq(design, mapped).solution  # (3, 2)
+    return solution[:2].T, solution[2]
+
+
 def map_source_to_target(
     points_rc, field, iterations: int = 100, tolerance: float = 1e-3
 ) -> np.ndarray:
     """Source-frame points to the target frame, inverting the backward field point-wise.
 
-    Solves ``p + u(p) = s`` by the fixed-point iteration ``p <- s - u(p)``, which converges
-    when the field is a contraction (no folding: Jacobian of ``u`` below 1), as it is for any
-    sensible registration. ``tolerance`` is in pixels.
+    Solves ``p + u(p) = s``. The map is split into its least-squares affine part ``A p + b``
+    (:func:`affine_part`) and a residual ``r``; the fixed-point iteration
+    ``p <- A^-1 (s - b - r(p))`` then converges whenever the residual is a contraction, whatever
+    the affine part: the plain ``p <- s - u(p)`` diverges for rotations beyond 60 degrees and
+    for mirrored sections (``u``'s Jacobian then exceeds 1). ``tolerance`` is in pixels.
     """
     field_t = to_tensor(field, dtype=torch.float64)
     source = to_tensor(points_rc, device=field_t.device, dtype=torch.float64).reshape(-1, 2)
-    p = source - sample_field_at_points(field_t, source)
+    if not len(source):
+        return source.cpu().numpy()
+    linear, offset = affine_part(field_t)
+    inverse = torch.linalg.inv(linear)
+
+    upper = torch.tensor(field_t.shape[-2:], dtype=field_t.dtype, device=field_t.device) - 1
+
+    def residual(points):
+        # beyond the grid the residual is held at its border value (the map goes on affinely)
+        inside = torch.minimum(torch.clamp(points, min=0), upper)
+        return inside + sample_field_at_points(field_t, inside) - (inside @ linear.T + offset)
+
+    p = (source - offset) @ inverse.T
     for _ in range(iterations):
-        p_next = source - sample_field_at_points(field_t, p)
-        step = (p_next - p).abs().max() if len(p) else torch.tensor(0.0)
+        p_next = (source - offset - residual(p)) @ inverse.T
+        step = (p_next - p).abs().max()
         p = p_next
         if step < tolerance:
             break
@@ -221,12 +249,25 @@ def invert_field(field: torch.Tensor, iterations: int = 50) -> torch.Tensor:
     """Dense inverse of a backward field ``(B, 2, H, W)``: ``w`` with ``w(s) = -u(s + w(s))``.
 
     ``w`` is the backward field of the opposite direction (it warps the target onto the
-    source grid). Fixed-point iteration, as in :func:`map_source_to_target`.
+    source grid). Fixed-point iteration on the residual beside the affine part, as in
+    :func:`map_source_to_target`.
     """
-    inverse = -field
-    for _ in range(iterations):
-        inverse = -warp(field, inverse, padding_mode="border")
-    return inverse
+    inverses = []
+    for item in field:
+        linear, offset = affine_part(item.double())
+        linear, offset = linear.to(item.dtype), offset.to(item.dtype)
+        inverse_linear = torch.linalg.inv(linear)
+        grid = identity_grid(item.shape[-2:], device=item.device, dtype=item.dtype)
+        flat = grid.reshape(2, -1)
+        affine_map = (linear @ flat + offset[:, None]).reshape_as(grid)
+        residual = (grid + item - affine_map)[None]  # r(p) on the grid
+        target = grid - offset.view(2, 1, 1)  # s - b
+        points = (inverse_linear @ target.reshape(2, -1)).reshape_as(grid)
+        for _ in range(iterations):
+            r = warp(residual, (points - grid)[None], padding_mode="border")[0]
+            points = (inverse_linear @ (target - r).reshape(2, -1)).reshape_as(grid)
+        inverses.append(points - grid)
+    return torch.stack(inverses)
 
 
 # --------------------------------------------------------------------------- affine

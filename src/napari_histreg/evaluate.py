@@ -41,6 +41,10 @@ PAIR_COLUMNS = (
     "robustness",
     "n_landmarks",
     "seconds",
+    "confidence",
+    "flag",
+    "weakest",
+    "initial_choice",
     "error",
 )
 
@@ -139,7 +143,7 @@ def _one_line(err: BaseException) -> str:
 def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) -> dict:
     """Register one cover-table pair with ``pipeline`` and score it; raises on failure."""
     from .metrics import pair_metrics
-    from .pipeline import register
+    from .pipeline import named_check_warning, register, warn_if_flagged
 
     for label, value in (("Source image", pair.source), ("Target image", pair.target),
                          ("Source landmarks", pair.source_landmarks), ("Target landmarks", pair.target_landmarks)):
@@ -158,7 +162,10 @@ def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) 
     source_image = read_image(source_path)
     target_image = read_image(target_path)
     start = time.perf_counter()
-    result = register(source_image, target_image, pipeline=pipeline, progress=progress)
+    name = f"{pair.source} -> {pair.target}"
+    with named_check_warning(name):
+        result = register(source_image, target_image, pipeline=pipeline, progress=progress)
+    warn_if_flagged(result, name)
     mapped = result.map_source_points(source_points)
     seconds = time.perf_counter() - start
     if not np.isfinite(mapped).all():
@@ -172,6 +179,10 @@ def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) 
         "robustness": metrics["robustness"],
         "n_landmarks": metrics["n_landmarks"],
         "seconds": seconds,
+        "confidence": result.confidence.get("score"),
+        "flag": result.flag,
+        "weakest": result.confidence.get("weakest"),
+        "initial_choice": result.info.get("initial", {}).get("chosen"),
     }
 
 
@@ -179,7 +190,7 @@ def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) 
 def summarise_rows(rows: list[dict]) -> dict:
     """ANHIR summary over rows: AMrTRE, MMrTRE, AArTRE, mean robustness, median seconds."""
     ok = [r for r in rows if not r.get("error") and r.get("MrTRE") is not None]
-    out: dict = {"count": len(rows), "failed": len(rows) - len(ok)}
+    out: dict = {"count": len(rows), "failed": len(rows) - len(ok), "flagged": sum(1 for r in ok if r.get("flag") == "check")}
     if not ok:
         out.update({k: None for k in ("AMrTRE", "MMrTRE", "AArTRE", "robustness", "initial_AMrTRE", "median_seconds")})
         return out
@@ -230,14 +241,15 @@ def _fmt_seconds(value) -> str:
 
 def format_table(rows: list[dict], summary: dict | None = None) -> str:
     """A plain-text table of the rows (and the summary) for a terminal."""
-    headers = ["#", "status", "source -> target", "init MrTRE", "MrTRE", "robust", "sec", "error"]
+    headers = ["#", "status", "source -> target", "init MrTRE", "MrTRE", "robust", "sec", "flag", "error"]
     lines = []
     for k, row in enumerate(rows, start=1):
         pair = f"{Path(row['source']).name} -> {Path(row['target']).name}"
         error = row.get("error") or ""
         lines.append(
             [str(k), row.get("status", ""), pair, _fmt(row.get("initial_MrTRE"), 4), _fmt(row.get("MrTRE"), 4),
-             _fmt(row.get("robustness"), 3), _fmt_seconds(row.get("seconds")), ("..." + error[-67:]) if len(error) > 70 else error]
+             _fmt(row.get("robustness"), 3), _fmt_seconds(row.get("seconds")),
+             (f"{row['flag']} {row['confidence']:.2f}" if row.get("flag") and row.get("confidence") is not None else ""), ("..." + error[-67:]) if len(error) > 70 else error]
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
@@ -253,7 +265,7 @@ def format_table(rows: list[dict], summary: dict | None = None) -> str:
 
 def _summary_line(label: str, s: dict) -> str:
     return (
-        f"{label}: {s['count']} pairs, {s['failed']} failed; AMrTRE {_fmt(s.get('AMrTRE'), 4) or '-'}, "
+        f"{label}: {s['count']} pairs, {s['failed']} failed, {s.get('flagged', 0)} flagged check; AMrTRE {_fmt(s.get('AMrTRE'), 4) or '-'}, "
         f"MMrTRE {_fmt(s.get('MMrTRE'), 4) or '-'}, AArTRE {_fmt(s.get('AArTRE'), 4) or '-'}, "
         f"robustness {_fmt(s.get('robustness'), 3) or '-'}, median {_fmt_seconds(s.get('median_seconds')) or '-'} s/pair "
         f"(initial AMrTRE {_fmt(s.get('initial_AMrTRE'), 4) or '-'})"

@@ -31,6 +31,7 @@ The tissue mask is chosen apart from the mode (``use_mask`` + ``mask_method``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -40,6 +41,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .confidence import describe, judge, measure
 from .conventions import affine_to_field, default_device, seed_everything
 from .io import HistRegInputError, check_image, read_image
 from .progress import ProgressCallback, report
@@ -120,6 +122,29 @@ def clearly_worse(proposal_ncc: float, reference_ncc: float) -> bool:
 
 def _ncc_of_affine(source, target, matrix, device) -> float:
     return warped_ncc(source, target, affine_to_field(matrix, target.shape, device=device)[0], device)
+
+
+class RegistrationNeedsCheck(UserWarning):
+    """The result's confidence (:mod:`napari_histreg.confidence`) is below its threshold: the
+    registration may be wrong and needs a look (``result.confidence`` says which measure)."""
+
+
+@contextlib.contextmanager
+def named_check_warning(name: str):
+    """Run a registration (``with ...: result = register(...)``) whose :class:`RegistrationNeedsCheck`
+    warning should name the pair: the pipeline's own is held back, then :func:`warn_if_flagged`
+    speaks with ``name`` (call it with the result)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationNeedsCheck)
+        yield
+
+
+def warn_if_flagged(result, name: str) -> bool:
+    """Warn (:class:`RegistrationNeedsCheck`, naming ``name``) when ``result`` is flagged ``check``."""
+    if getattr(result, "flag", "") != "check":
+        return False
+    warnings.warn(f"{name} needs a look: {describe(result.confidence)}", RegistrationNeedsCheck, stacklevel=2)
+    return True
 
 
 class NetworkProposalRejected(UserWarning):
@@ -290,6 +315,7 @@ class Pipeline:
                 stacklevel=3,
             )
             info["blank"] = blank
+            info["confidence"] = {"score": 0.0, "flag": "check", "weakest": "blank", "measures": {}}
             field = np.zeros((2,) + tgt.shape, dtype=np.float32)
             return RegistrationResult(field, pair.source_frame, pair.target_frame, identity, timings, info, src, tgt)
         if self.mask is not None:
@@ -309,8 +335,13 @@ class Pipeline:
         field = affine_to_field(matrix, tgt.shape)[0].numpy()
         if self.nonrigid is not None:
             field = timed("nonrigid", lambda: np.asarray(self.nonrigid(src, tgt, field, progress), dtype=np.float32))
+        start = time.perf_counter()
+        info["confidence"] = judge(measure(src, tgt, field, matrix, info.get("initial"), self.device))
+        timings["confidence"] = round(time.perf_counter() - start, 4)
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
+        if info["confidence"]["flag"] != "ok":
+            warnings.warn(f"this registration needs a look: {describe(info['confidence'])}", RegistrationNeedsCheck, stacklevel=3)
         return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
 
 

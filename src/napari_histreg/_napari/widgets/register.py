@@ -174,5 +174,11 @@ class RegisterWidget(RunWidget):
         self.session.set_result(result, source_name, target_name)
         total = result.timings.get("total")
         threads = result.info.get("threads")
-        return (f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
+        text = (f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
                 + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""))
+        if result.confidence:
+            from ...confidence import describe
+
+            # a flagged result also raised RegistrationNeedsCheck in the worker: a notification
+            text += f"; {describe(result.confidence)}" + (": needs a look" if result.flag == "check" else "")
+        return text
