@@ -154,9 +154,14 @@ def test_evaluate_records_failures_and_goes_on(shared_data, tmp_path, fast_json,
         assert float(row["MrTRE"]) < float(row["initial_MrTRE"])
         assert float(row["seconds"]) > 0
     assert rows[2]["MrTRE"] == "" and "missing" in rows[2]["error"] and "not found" in rows[2]["error"]
+    for row in rows[:2]:  # every registered pair carries its confidence, flag and initial choice
+        assert 0.0 <= float(row["confidence"]) <= 1.0 and row["flag"] in ("ok", "check")
+        assert row["initial_choice"] and (row["weakest"] or row["flag"] == "ok")
+    assert rows[2]["flag"] == "" and rows[2]["confidence"] == ""
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 3 and summary["failed"] == 1
+    assert summary["flagged"] == sum(r["flag"] == "check" for r in rows)
     for key in ("AMrTRE", "MMrTRE", "AArTRE", "robustness", "median_seconds"):
         assert isinstance(summary[key], float)
     assert summary["per_status"]["training"]["count"] == 1

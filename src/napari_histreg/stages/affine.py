@@ -33,6 +33,9 @@ class AffineConfig:
     levels: tuple[int, ...] = (128, 256, 384)
     iterations: tuple[int, ...] = (100, 60, 40)
     learning_rate: float = 0.003
+    #: score NCC only where the warped source was sampled inside its grid: with zero fill, a
+    #: turned crop leaves empty corners that global NCC "fixes" by scaling the source up
+    overlap_only: bool = False
 
 
 def optimise_affine(
@@ -77,7 +80,12 @@ def optimise_affines(
             optimiser.zero_grad()
             grid = normalised_affine_grid(params, shape)
             warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
-            loss = -ncc(warped, tgt).sum()
+            if config.overlap_only:
+                with torch.no_grad():
+                    inside = ((grid.abs() <= 1.0).all(dim=-1, keepdim=True)).permute(0, 3, 1, 2).float()
+                loss = -ncc(warped, tgt, mask=inside).sum()
+            else:
+                loss = -ncc(warped, tgt).sum()
             loss.backward()
             optimiser.step()
             done += 1

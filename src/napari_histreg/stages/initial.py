@@ -52,6 +52,8 @@ class InitialAlignmentConfig:
     #: a feature-based proposal (OpenCV ORB + RANSAC), and its mirrored twin when ``mirrored``
     features: bool = True
     #: the short affine every hypothesis goes through (batched)
+    #: a feature proposal with at least this many RANSAC inliers is chosen whatever the scores
+    trust_inliers: int = 40
     polish_levels: tuple[int, ...] = (128, 256)
     polish_iterations: tuple[int, ...] = (40, 20)
     #: longer side and window of the local NCC that chooses
@@ -251,7 +253,7 @@ def initial_alignment(
         config.refine_step and config.refine_step < config.angle_step) else 0
     total = sum(n_angles + n_refine * max(1, k) for _, k in searches)
     done = 0
-    candidates = []  # (label, angle, mirrored, search score, matrix in working pixels)
+    candidates = []  # (label, angle, mirrored, search score, matrix in working pixels, feature inliers)
     angles = scores = None
     flip = mirror_matrix(w)
     for mirrored, count in searches:
@@ -265,14 +267,14 @@ def initial_alignment(
             matrix = rotation_about(c_t, angle, translation_rc=centre_working - c_t)
             if mirrored:  # the search ran on the mirrored source: sample it through the mirror
                 matrix = compose_affine(flip, matrix)
-            candidates.append((f"{'mirrored ' if mirrored else ''}rotation peak {k + 1}", angle, mirrored, score, matrix))
+            candidates.append((f"{'mirrored ' if mirrored else ''}rotation peak {k + 1}", angle, mirrored, score, matrix, 0))
     if single:
-        label, angle, _, score, matrix = candidates[0]
+        label, angle, _, score, matrix, _ = candidates[0]
         return InitialAlignment(matrix=matrix, angle=angle, score=score, angles=angles, scores=scores,
                                 hypotheses=[{"label": label, "angle": round(angle, 3), "mirrored": False,
                                              "search_ncc": round(score, 5), "local_ncc": None}], chosen=label)
     # the unrotated start: sections are usually mounted the same way up
-    candidates.append(("unrotated", 0.0, False, float(scores[0]), rotation_about(c_t, 0.0, translation_rc=c_s - c_t)))
+    candidates.append(("unrotated", 0.0, False, float(scores[0]), rotation_about(c_t, 0.0, translation_rc=c_s - c_t), 0))
     if config.features:
         from . import features
 
@@ -280,12 +282,12 @@ def initial_alignment(
             proposal = features.feature_proposal(source, target)
             if proposal is not None:
                 candidates.append((f"features ({proposal['inliers']} inliers)", _angle_of(proposal["matrix"]), False,
-                                   float("nan"), proposal["matrix"]))
+                                   float("nan"), proposal["matrix"], proposal["inliers"]))
             if config.mirrored:
                 proposal = features.feature_proposal(np.ascontiguousarray(source[:, ::-1]), target)
                 if proposal is not None:
                     candidates.append((f"mirrored features ({proposal['inliers']} inliers)", _angle_of(proposal["matrix"]),
-                                       True, float("nan"), compose_affine(flip, proposal["matrix"])))
+                                       True, float("nan"), compose_affine(flip, proposal["matrix"]), proposal["inliers"]))
     starts = np.stack([c[4] for c in candidates])
     polish = AffineConfig(levels=config.polish_levels, iterations=config.polish_iterations)
     with torch.enable_grad():
@@ -293,24 +295,32 @@ def initial_alignment(
     with torch.no_grad():
         local = _local_scores(source, target, polished, config, device)
     best = int(np.argmax(local))
+    # A feature match with many RANSAC inliers is evidence no similarity score can outweigh:
+    # chance consensus of that many matches does not happen, while local NCC can still prefer
+    # a wrong placement whose tissue outline overlaps better (a crop turned by 137 degrees, 252
+    # inliers, lost to a mirrored blob by local NCC 0.08 to 0.14 in benchmarks/validation.py).
+    trusted = [k for k, c in enumerate(candidates) if c[5] >= config.trust_inliers]
+    if trusted:
+        best = max(trusted, key=lambda k: candidates[k][5])
     others = [k for k in range(len(candidates)) if not same_place(polished[k], polished[best], (h, w))]
     margin = float(local[best] - max(local[k] for k in others)) if others else float("nan")
     hypotheses = [
         {"label": label, "angle": round(float(angle), 3), "mirrored": bool(mirrored),
          "search_ncc": None if not np.isfinite(score) else round(float(score), 5), "local_ncc": round(float(local[k]), 5)}
-        for k, (label, angle, mirrored, score, _) in enumerate(candidates)
+        for k, (label, angle, mirrored, score, _, _) in enumerate(candidates)
     ]
     # What the affine stage starts from: of the hypotheses that ended where the chosen one did,
     # the rotation search's best-scored start, unpolished (the short affine judges, the affine
     # stage aligns: where the search's argmax was right this is exactly the start it always
-    # had); a group without a search score (the feature proposal alone) hands its polished matrix.
+    # had); a group without a search score hands the feature proposal's own matrix.
     group = [k for k in range(len(candidates)) if k not in others]
     searched = [k for k in group if np.isfinite(candidates[k][3])]
     handed = max(searched, key=lambda k: candidates[k][3]) if searched else best
-    start = candidates[handed][4] if searched else polished[best]
+    start = candidates[handed][4] if searched or candidates[best][5] else polished[best]
     for k, entry in enumerate(hypotheses):
-        entry["agrees"] = k in group  # ended where the best-scored one did
-    label, angle, mirrored, score, _ = candidates[handed]
+        entry["agrees"] = k in group  # ended where the decisive one did
+        entry["decisive"] = k == best  # the highest local NCC, or the trusted feature match
+    label, angle, mirrored, score, _, _ = candidates[handed]
     return InitialAlignment(
         matrix=np.asarray(start, dtype=np.float64), angle=float(angle), score=float(score), angles=angles, scores=scores,
         mirrored=bool(mirrored), hypotheses=hypotheses, chosen=label, margin=margin,
