@@ -312,11 +312,13 @@ def initial_alignment(
     # What the affine stage starts from: of the hypotheses that ended where the chosen one did,
     # the rotation search's best-scored start, unpolished (the short affine judges, the affine
     # stage aligns: where the search's argmax was right this is exactly the start it always
-    # had); a group without a search score hands the feature proposal's own matrix.
+    # had); a group without a search score hands a trusted feature match's own matrix, anything
+    # else its polished one (a weak match scored well only once polished).
     group = [k for k in range(len(candidates)) if k not in others]
     searched = [k for k in group if np.isfinite(candidates[k][3])]
     handed = max(searched, key=lambda k: candidates[k][3]) if searched else best
-    start = candidates[handed][4] if searched or candidates[best][5] else polished[best]
+    trusted_best = candidates[best][5] >= config.trust_inliers
+    start = candidates[handed][4] if searched or trusted_best else polished[best]
     for k, entry in enumerate(hypotheses):
         entry["agrees"] = k in group  # ended where the decisive one did
         entry["decisive"] = k == best  # the highest local NCC, or the trusted feature match
