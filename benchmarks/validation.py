@@ -264,9 +264,7 @@ def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> l
 
 def confidence_columns(result) -> dict:
     """The result's confidence, flag and initial-alignment choice (empty where absent)."""
-    from napari_histreg.result import confidence_of
-
-    conf = confidence_of(result)
+    conf = result.confidence
     chosen = result.info.get("initial", {}).get("chosen", "")
     return {"confidence": conf.get("score"), "flag": conf.get("flag", ""), "initial_choice": chosen}
 

@@ -397,7 +397,7 @@ def register_and_write(
     from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
     from .metrics import pair_metrics
     from .outputs import check_output_folder, staged_outputs
-    from .pipeline import check_pair_shapes, is_constant, named_check_warning, register, warn_if_flagged
+    from .pipeline import check_pair_shapes, is_constant, register
 
     check_pair_shapes(source_image.shape, target_image.shape, *names)
     for name, image in zip(names, (source_image, target_image)):
@@ -425,9 +425,9 @@ def register_and_write(
         if paired is not None:
             planned.append(OUTPUT_NAMES["metrics"])
 
-    with StageProgress(disable=quiet) as progress, named_check_warning(f"{names[0]} -> {names[1]}"):
-        result = register(source_image, target_image, config, device=device, seed=seed, progress=progress, threads=threads)
-    warn_if_flagged(result, f"{names[0]} -> {names[1]}")
+    with StageProgress(disable=quiet) as progress:
+        result = register(source_image, target_image, config, device=device, seed=seed, progress=progress, threads=threads,
+                          name=f"{names[0]} -> {names[1]}")
 
     report: dict = {"result": result, "outputs": [], "metrics": None}
     mapped_all = None

@@ -41,12 +41,9 @@ CHOICE_WINDOW = 9
 
 
 def _small(image: np.ndarray, size: int, device) -> torch.Tensor:
-    from .stages.preprocess import resample
+    from .stages.preprocess import level_shape, resample
 
-    h, w = image.shape
-    scale = min(1.0, size / max(h, w))
-    shape = (max(8, round(h * scale)), max(8, round(w * scale)))
-    return resample(image, shape, device=device)[None, None]
+    return resample(image, level_shape(image.shape, size), device=device)[None, None]
 
 
 def folded_share(field: np.ndarray, orientation: float = 1.0, where: np.ndarray | None = None) -> float:

@@ -143,7 +143,7 @@ def _one_line(err: BaseException) -> str:
 def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) -> dict:
     """Register one cover-table pair with ``pipeline`` and score it; raises on failure."""
     from .metrics import pair_metrics
-    from .pipeline import named_check_warning, register, warn_if_flagged
+    from .pipeline import register
 
     for label, value in (("Source image", pair.source), ("Target image", pair.target),
                          ("Source landmarks", pair.source_landmarks), ("Target landmarks", pair.target_landmarks)):
@@ -162,10 +162,7 @@ def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) 
     source_image = read_image(source_path)
     target_image = read_image(target_path)
     start = time.perf_counter()
-    name = f"{pair.source} -> {pair.target}"
-    with named_check_warning(name):
-        result = register(source_image, target_image, pipeline=pipeline, progress=progress)
-    warn_if_flagged(result, name)
+    result = register(source_image, target_image, pipeline=pipeline, progress=progress, name=f"{pair.source} -> {pair.target}")
     mapped = result.map_source_points(source_points)
     seconds = time.perf_counter() - start
     if not np.isfinite(mapped).all():

@@ -31,7 +31,6 @@ The tissue mask is chosen apart from the mode (``use_mask`` + ``mask_method``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
@@ -127,24 +126,6 @@ def _ncc_of_affine(source, target, matrix, device) -> float:
 class RegistrationNeedsCheck(UserWarning):
     """The result's confidence (:mod:`napari_histreg.confidence`) is below its threshold: the
     registration may be wrong and needs a look (``result.confidence`` says which measure)."""
-
-
-@contextlib.contextmanager
-def named_check_warning(name: str):
-    """Run a registration (``with ...: result = register(...)``) whose :class:`RegistrationNeedsCheck`
-    warning should name the pair: the pipeline's own is held back, then :func:`warn_if_flagged`
-    speaks with ``name`` (call it with the result)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RegistrationNeedsCheck)
-        yield
-
-
-def warn_if_flagged(result, name: str) -> bool:
-    """Warn (:class:`RegistrationNeedsCheck`, naming ``name``) when ``result`` is flagged ``check``."""
-    if getattr(result, "flag", "") != "check":
-        return False
-    warnings.warn(f"{name} needs a look: {describe(result.confidence)}", RegistrationNeedsCheck, stacklevel=2)
-    return True
 
 
 class NetworkProposalRejected(UserWarning):
@@ -273,15 +254,17 @@ class Pipeline:
             return lambda s, t, f, progress=None: hybrid_nonrigid(s, t, f, c, device, progress)
         return lambda s, t, f, progress=None: checked_learned_nonrigid(s, t, f, c, device, progress)
 
-    def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> RegistrationResult:
+    def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None,
+            name: str | None = None) -> RegistrationResult:
         """Register ``source`` onto ``target`` (arrays already validated), on the torch threads
         of :func:`~napari_histreg.threads.choose_threads` (restored afterwards)."""
         with torch_threads(self.threads) as threads:
-            result = self._run(source, target, progress)
+            result = self._run(source, target, progress, name)
         result.info["threads"] = threads
         return result
 
-    def _run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> RegistrationResult:
+    def _run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None,
+             name: str | None = None) -> RegistrationResult:
         seed_everything(self.seed)
         timings: dict[str, float] = {}
         info: dict = {"device": str(self.device), "mode": self.config.mode, "config": self.config.to_dict(), "seed": self.seed}
@@ -341,7 +324,8 @@ class Pipeline:
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
         if info["confidence"]["flag"] != "ok":
-            warnings.warn(f"this registration needs a look: {describe(info['confidence'])}", RegistrationNeedsCheck, stacklevel=3)
+            warnings.warn(f"{name or 'this registration'} needs a look: {describe(info['confidence'])}",
+                          RegistrationNeedsCheck, stacklevel=3)
         return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
 
 
@@ -406,6 +390,7 @@ def register(
     pipeline: Pipeline | None = None,
     mode: str | None = None,
     threads=None,
+    name: str | None = None,
 ) -> RegistrationResult:
     """Register ``source`` onto ``target`` and return a :class:`RegistrationResult`.
 
@@ -415,13 +400,16 @@ def register(
     ``mode``: ``"optimise"``, ``"learned"`` or ``"hybrid"`` (overrides ``config.mode``; see
     :class:`RegistrationConfig`). ``threads``: torch threads for this run (default: the free
     cores, see :func:`napari_histreg.threads.choose_threads`; ``$HISTREG_THREADS`` sets it too);
-    torch's setting is restored afterwards.
+    torch's setting is restored afterwards. ``name``: how the :class:`RegistrationNeedsCheck`
+    warning of a flagged result names the pair (default: "SOURCE -> TARGET" for paths).
     """
     source_name = str(source) if isinstance(source, (str, Path)) else "source"
     target_name = str(target) if isinstance(target, (str, Path)) else "target"
     source_image = _as_image(source, source_name)
     target_image = _as_image(target, target_name)
     check_pair_shapes(source_image.shape, target_image.shape, source_name, target_name)
+    if name is None and isinstance(source, (str, Path)) and isinstance(target, (str, Path)):
+        name = f"{source_name} -> {target_name}"
     if mode is not None:
         if pipeline is not None:
             raise ValueError("give either mode or pipeline, not both (a pipeline's mode is its config's)")
@@ -429,7 +417,7 @@ def register(
     if pipeline is not None and threads is not None:
         pipeline = _with_threads(pipeline, threads)
     pipeline = pipeline or Pipeline(config, device=device, seed=seed, threads=threads)
-    return pipeline.run(source_image, target_image, progress)
+    return pipeline.run(source_image, target_image, progress, name=name)
 
 
 def _with_threads(pipeline: Pipeline, threads) -> Pipeline:

@@ -47,7 +47,8 @@ class RegistrationResult:
     def confidence(self) -> dict:
         """``{"score", "flag", "weakest", "measures"}`` (:mod:`napari_histreg.confidence`);
         empty for a result saved before confidences existed."""
-        return confidence_of(self)
+        value = self.info.get("confidence")
+        return dict(value) if isinstance(value, dict) else {}
 
     @property
     def flag(self) -> str:
@@ -224,12 +225,6 @@ FINGERPRINT_SIZE = 64
 #: 0.15 of its size, re-encoded as JPEG quality 70, 0.995 or more; consecutive sections in
 #: other stains at most 0.913, one image under two synthetic warps 0.937.
 FINGERPRINT_MATCH = 0.97
-
-
-def confidence_of(result) -> dict:
-    """``result.info["confidence"]`` or ``{}``."""
-    value = (getattr(result, "info", None) or {}).get("confidence")
-    return dict(value) if isinstance(value, dict) else {}
 
 
 def fingerprint(grey: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from ..conventions import (
 )
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
-from .preprocess import resample
+from .preprocess import level_shape, resample
 
 
 @dataclasses.dataclass
@@ -33,9 +33,6 @@ class AffineConfig:
     levels: tuple[int, ...] = (128, 256, 384)
     iterations: tuple[int, ...] = (100, 60, 40)
     learning_rate: float = 0.003
-    #: score NCC only where the warped source was sampled inside its grid: with zero fill, a
-    #: turned crop leaves empty corners that global NCC "fixes" by scaling the source up
-    overlap_only: bool = False
 
 
 def optimise_affine(
@@ -71,8 +68,7 @@ def optimise_affines(
     total = int(sum(config.iterations))
     done = 0
     for size, iterations in zip(config.levels, config.iterations):
-        scale = min(1.0, size / max(h, w))
-        shape = (max(8, round(h * scale)), max(8, round(w * scale)))
+        shape = level_shape((h, w), size)
         src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None].expand(batch, -1, -1, -1)
         tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None].expand(batch, -1, -1, -1)
         optimiser = torch.optim.Adam([params], lr=config.learning_rate)
@@ -80,12 +76,7 @@ def optimise_affines(
             optimiser.zero_grad()
             grid = normalised_affine_grid(params, shape)
             warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
-            if config.overlap_only:
-                with torch.no_grad():
-                    inside = ((grid.abs() <= 1.0).all(dim=-1, keepdim=True)).permute(0, 3, 1, 2).float()
-                loss = -ncc(warped, tgt, mask=inside).sum()
-            else:
-                loss = -ncc(warped, tgt).sum()
+            loss = -ncc(warped, tgt).sum()
             loss.backward()
             optimiser.step()
             done += 1

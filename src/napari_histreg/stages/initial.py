@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..conventions import ALIGN_CORNERS, affine_to_field, identity_grid, rotation_about, warp
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
-from .preprocess import resample
+from .preprocess import level_shape, resample
 
 
 @dataclasses.dataclass
@@ -143,6 +143,16 @@ def _recentre(source, target, angle, center_t, center_s) -> np.ndarray:
     return np.asarray(center_s) - matrix[:, :2] @ np.asarray(shift)
 
 
+@dataclasses.dataclass
+class _Hypothesis:
+    label: str
+    angle: float
+    mirrored: bool
+    search_ncc: float  # the rotation search's score (nan for a feature proposal)
+    matrix: np.ndarray  # 2x3 backward affine, working pixels
+    inliers: int = 0  # RANSAC inliers of a feature proposal
+
+
 def distinct_peaks(angles: np.ndarray, scores: np.ndarray, count: int, separation: float) -> list[int]:
     """Indices of the ``count`` best scores whose angles are at least ``separation`` degrees
     apart on the circle (greedy, best first)."""
@@ -167,17 +177,21 @@ def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     return np.hstack([outer[:, :2] @ inner[:, :2], (outer[:, :2] @ inner[:, 2] + outer[:, 2])[:, None]])
 
 
+def _refine_offsets(config: InitialAlignmentConfig) -> np.ndarray:
+    """Angle offsets of the fine search around a coarse peak (none when ``refine_step`` is 0
+    or not finer than ``angle_step``)."""
+    if not config.refine_step or config.refine_step >= config.angle_step:
+        return np.zeros(0)
+    return np.arange(-2 * config.angle_step, 2 * config.angle_step + 1e-9, config.refine_step)
+
+
 def _search(src, tgt, c_t_small, c_s_small, count, config, device, progress, total, done):
     """Coarse rotation search, then each of the best distinct peaks re-centred and refined:
     ``(angles, scores, [(angle, score, source centre (small grid)) per peak], done)``."""
     angles = np.arange(0.0, 360.0, config.angle_step)
     scores, done = _score_angles(src, tgt, angles, c_t_small, c_s_small, config.batch_size, device, progress, total, done)
     peaks = distinct_peaks(angles, scores, max(1, count), config.peak_separation)
-    refine = (
-        np.arange(-2 * config.angle_step, 2 * config.angle_step + 1e-9, config.refine_step)
-        if config.refine_step and config.refine_step < config.angle_step
-        else np.zeros(0)
-    )
+    refine = _refine_offsets(config)
     found = []
     for index in peaks:
         coarse = float(angles[index])
@@ -201,8 +215,7 @@ def _local_scores(source, target, matrices, config, device) -> np.ndarray:
     from ..similarity import local_ncc
 
     h, w = target.shape
-    scale = min(1.0, config.choice_size / max(h, w))
-    shape = (max(8, round(h * scale)), max(8, round(w * scale)))
+    shape = level_shape((h, w), config.choice_size)
     src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     theta = torch.tensor(np.stack([affine_pixels_to_normalised(m, (h, w)) for m in matrices]), dtype=torch.float32, device=device)
@@ -235,8 +248,7 @@ def initial_alignment(
     config = config or InitialAlignmentConfig()
     device = device or torch.device("cpu")
     h, w = target.shape
-    scale = min(1.0, config.search_size / max(h, w))
-    small_shape = (max(8, round(h * scale)), max(8, round(w * scale)))
+    small_shape = level_shape((h, w), config.search_size)
     src = resample(source, small_shape, device=device)[None, None]
     tgt = resample(target, small_shape, device=device)[None, None]
     # Centres in working pixels; mapped into the small grid with the same pixel-centre rule.
@@ -248,12 +260,10 @@ def initial_alignment(
     single = config.peaks <= 1 and not config.mirrored and not config.features
 
     searches = [(False, config.peaks)] + ([(True, config.mirrored_peaks)] if config.mirrored and config.mirrored_peaks > 0 else [])
-    n_angles = len(np.arange(0.0, 360.0, config.angle_step))
-    n_refine = len(np.arange(-2 * config.angle_step, 2 * config.angle_step + 1e-9, config.refine_step)) if (
-        config.refine_step and config.refine_step < config.angle_step) else 0
+    n_angles, n_refine = len(np.arange(0.0, 360.0, config.angle_step)), len(_refine_offsets(config))
     total = sum(n_angles + n_refine * max(1, k) for _, k in searches)
     done = 0
-    candidates = []  # (label, angle, mirrored, search score, matrix in working pixels, feature inliers)
+    candidates: list[_Hypothesis] = []
     angles = scores = None
     flip = mirror_matrix(w)
     for mirrored, count in searches:
@@ -267,28 +277,29 @@ def initial_alignment(
             matrix = rotation_about(c_t, angle, translation_rc=centre_working - c_t)
             if mirrored:  # the search ran on the mirrored source: sample it through the mirror
                 matrix = compose_affine(flip, matrix)
-            candidates.append((f"{'mirrored ' if mirrored else ''}rotation peak {k + 1}", angle, mirrored, score, matrix, 0))
+            candidates.append(_Hypothesis(f"{'mirrored ' if mirrored else ''}rotation peak {k + 1}", angle, mirrored, score, matrix))
     if single:
-        label, angle, _, score, matrix, _ = candidates[0]
-        return InitialAlignment(matrix=matrix, angle=angle, score=score, angles=angles, scores=scores,
-                                hypotheses=[{"label": label, "angle": round(angle, 3), "mirrored": False,
-                                             "search_ncc": round(score, 5), "local_ncc": None}], chosen=label)
+        only = candidates[0]
+        return InitialAlignment(matrix=only.matrix, angle=only.angle, score=only.search_ncc, angles=angles, scores=scores,
+                                hypotheses=[{"label": only.label, "angle": round(only.angle, 3), "mirrored": False,
+                                             "search_ncc": round(only.search_ncc, 5), "local_ncc": None}], chosen=only.label)
     # the unrotated start: sections are usually mounted the same way up
-    candidates.append(("unrotated", 0.0, False, float(scores[0]), rotation_about(c_t, 0.0, translation_rc=c_s - c_t), 0))
+    candidates.append(_Hypothesis("unrotated", 0.0, False, float(scores[0]), rotation_about(c_t, 0.0, translation_rc=c_s - c_t)))
     if config.features:
         from . import features
 
         if features.available():
             proposal = features.feature_proposal(source, target)
             if proposal is not None:
-                candidates.append((f"features ({proposal['inliers']} inliers)", _angle_of(proposal["matrix"]), False,
-                                   float("nan"), proposal["matrix"], proposal["inliers"]))
+                candidates.append(_Hypothesis(f"features ({proposal['inliers']} inliers)", _angle_of(proposal["matrix"]), False,
+                                              float("nan"), proposal["matrix"], proposal["inliers"]))
             if config.mirrored:
                 proposal = features.feature_proposal(np.ascontiguousarray(source[:, ::-1]), target)
                 if proposal is not None:
-                    candidates.append((f"mirrored features ({proposal['inliers']} inliers)", _angle_of(proposal["matrix"]),
-                                       True, float("nan"), compose_affine(flip, proposal["matrix"]), proposal["inliers"]))
-    starts = np.stack([c[4] for c in candidates])
+                    candidates.append(_Hypothesis(f"mirrored features ({proposal['inliers']} inliers)",
+                                                  _angle_of(proposal["matrix"]), True, float("nan"),
+                                                  compose_affine(flip, proposal["matrix"]), proposal["inliers"]))
+    starts = np.stack([c.matrix for c in candidates])
     polish = AffineConfig(levels=config.polish_levels, iterations=config.polish_iterations)
     with torch.enable_grad():
         polished = optimise_affines(source, target, starts, polish, device)
@@ -299,33 +310,32 @@ def initial_alignment(
     # chance consensus of that many matches does not happen, while local NCC can still prefer
     # a wrong placement whose tissue outline overlaps better (a crop turned by 137 degrees, 252
     # inliers, lost to a mirrored blob by local NCC 0.08 to 0.14 in benchmarks/validation.py).
-    trusted = [k for k, c in enumerate(candidates) if c[5] >= config.trust_inliers]
+    trusted = [k for k, c in enumerate(candidates) if c.inliers >= config.trust_inliers]
     if trusted:
-        best = max(trusted, key=lambda k: candidates[k][5])
+        best = max(trusted, key=lambda k: candidates[k].inliers)
     others = [k for k in range(len(candidates)) if not same_place(polished[k], polished[best], (h, w))]
     margin = float(local[best] - max(local[k] for k in others)) if others else float("nan")
-    hypotheses = [
-        {"label": label, "angle": round(float(angle), 3), "mirrored": bool(mirrored),
-         "search_ncc": None if not np.isfinite(score) else round(float(score), 5), "local_ncc": round(float(local[k]), 5)}
-        for k, (label, angle, mirrored, score, _, _) in enumerate(candidates)
-    ]
     # What the affine stage starts from: of the hypotheses that ended where the chosen one did,
     # the rotation search's best-scored start, unpolished (the short affine judges, the affine
     # stage aligns: where the search's argmax was right this is exactly the start it always
     # had); a group without a search score hands a trusted feature match's own matrix, anything
     # else its polished one (a weak match scored well only once polished).
     group = [k for k in range(len(candidates)) if k not in others]
-    searched = [k for k in group if np.isfinite(candidates[k][3])]
-    handed = max(searched, key=lambda k: candidates[k][3]) if searched else best
-    trusted_best = candidates[best][5] >= config.trust_inliers
-    start = candidates[handed][4] if searched or trusted_best else polished[best]
-    for k, entry in enumerate(hypotheses):
-        entry["agrees"] = k in group  # ended where the decisive one did
-        entry["decisive"] = k == best  # the highest local NCC, or the trusted feature match
-    label, angle, mirrored, score, _, _ = candidates[handed]
+    searched = [k for k in group if np.isfinite(candidates[k].search_ncc)]
+    handed = candidates[max(searched, key=lambda k: candidates[k].search_ncc) if searched else best]
+    trusted_best = candidates[best].inliers >= config.trust_inliers
+    start = handed.matrix if searched or trusted_best else polished[best]
+    hypotheses = [
+        {"label": c.label, "angle": round(float(c.angle), 3), "mirrored": bool(c.mirrored),
+         "search_ncc": None if not np.isfinite(c.search_ncc) else round(float(c.search_ncc), 5),
+         "local_ncc": round(float(local[k]), 5),
+         "agrees": k in group,  # ended where the decisive one did
+         "decisive": k == best}  # the highest local NCC, or the trusted feature match
+        for k, c in enumerate(candidates)
+    ]
     return InitialAlignment(
-        matrix=np.asarray(start, dtype=np.float64), angle=float(angle), score=float(score), angles=angles, scores=scores,
-        mirrored=bool(mirrored), hypotheses=hypotheses, chosen=label, margin=margin,
+        matrix=np.asarray(start, dtype=np.float64), angle=float(handed.angle), score=float(handed.search_ncc), angles=angles,
+        scores=scores, mirrored=bool(handed.mirrored), hypotheses=hypotheses, chosen=handed.label, margin=margin,
         agreeing=len(candidates) - len(others),
     )
 

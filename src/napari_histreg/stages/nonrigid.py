@@ -26,13 +26,8 @@ import torch.nn.functional as F
 from ..conventions import ALIGN_CORNERS, compose, to_tensor, warp
 from ..progress import ProgressCallback, report
 from ..similarity import curvature, diffusion, local_ncc, local_ncc_fast
+from .preprocess import level_shape as _level_shape
 from .preprocess import resample
-
-
-def _level_shape(shape, size):
-    h, w = shape
-    scale = min(1.0, size / max(h, w))
-    return (max(8, round(h * scale)), max(8, round(w * scale)))
 
 
 def _rescale_field(field: torch.Tensor, shape) -> torch.Tensor:

@@ -134,6 +134,14 @@ def _banded_conv(image: torch.Tensor, kernel: torch.Tensor, groups: int, axis: i
     return out
 
 
+def level_shape(shape, size: int) -> tuple[int, int]:
+    """``shape`` scaled so that its longer side is at most ``size`` (each side at least 8): the
+    grid of one pyramid level, search or scoring size."""
+    h, w = shape
+    scale = min(1.0, size / max(h, w))
+    return (max(8, round(h * scale)), max(8, round(w * scale)))
+
+
 def resample(
     image: np.ndarray | torch.Tensor, shape: tuple[int, int], device=None, align_corners: bool = False
 ) -> torch.Tensor:

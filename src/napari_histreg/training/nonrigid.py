@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from ..conventions import ALIGN_CORNERS, warp
 from ..networks.nonrigid import PatchFieldUNet
 from ..similarity import curvature, diffusion, local_ncc
-from ..stages.nonrigid import _level_shape, fold_patches
+from ..stages.nonrigid import fold_patches
+from ..stages.preprocess import level_shape as _level_shape
 from ..stages.preprocess import resample
 from .data import grouped_prealigned_pairs, jitter_intensity, jitter_stain, load_training_images, random_smooth_field, working_grey
 from .loop import TrainOptions, TrainReport, reproducing_command, train
