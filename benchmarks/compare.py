@@ -174,6 +174,25 @@ class LoadedPair:
     target_points: np.ndarray
 
 
+VALIDATION = "validation"  # the pseudo-status of benchmarks/validation.py's landmark-free pairs
+
+
+def validation_pairs(table: Path, variants: str, warps: int, size: int, seed: int) -> list[LoadedPair]:
+    """The landmark-free validation set of ``benchmarks/validation.py`` (every image of the
+    cover table, each variant, known warps) as :class:`LoadedPair` records whose "landmarks" are
+    the known grid points, so the same scoring serves both benchmarks."""
+    import validation  # beside this script
+
+    chosen = validation.VARIANTS if variants == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
+    unknown = [v for v in chosen if v not in validation.VARIANTS]
+    if unknown:
+        raise ValueError(f"--validation-variants: unknown {unknown}; choose from {list(validation.VARIANTS)}")
+    made = validation.make_variant_pairs(validation.table_images(table, size), chosen, warps, seed)
+    return [LoadedPair(k, p["name"], VALIDATION, p["name"], p["name"], p["source"], p["target"],
+                       list(range(len(p["source_rc"]))), np.asarray(p["source_rc"], float), np.asarray(p["target_rc"], float))
+            for k, p in enumerate(made)]
+
+
 def load_pair(index: int, pair) -> LoadedPair:
     from napari_histreg.io import HistRegInputError, pair_landmarks, read_image, read_landmarks
 
@@ -578,8 +597,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also copy benchmark.md and the PNGs to docs/benchmarks/ (all or nothing)")
     parser.add_argument("--publish-dir", default=str(DEFAULT_PUBLISH), metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--status", default=",".join(DEFAULT_STATUSES),
-                        help="statuses to run, comma-separated (default: training,synthetic)")
+                        help="statuses to run, comma-separated (default: training,synthetic); 'validation' adds "
+                             "the landmark-free pairs of benchmarks/validation.py")
     parser.add_argument("--include-large", action="store_true", help="also run the 'large' pairs")
+    parser.add_argument("--validation-variants", default="all", metavar="LIST",
+                        help="with --status validation: the variants of benchmarks/validation.py (default: all)")
+    parser.add_argument("--validation-warps", type=int, default=1, metavar="N",
+                        help="with --status validation: known warps per image and variant (default: 1)")
+    parser.add_argument("--validation-size", type=int, default=1024, metavar="PX",
+                        help="with --status validation: longer side of every image (default: 1024)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N pairs (after the status filter)")
     parser.add_argument("--methods", default=None, metavar="LIST",
                         help=f"comma-separated subset of {', '.join(names)} (default: all)")
@@ -681,7 +707,13 @@ def _main(args) -> int:
     runners = build_runners(methods, devices, base, args)
     labels = [r.label for r in runners]
     table = Path(args.data)
-    pairs = select_pairs(read_cover_table(table), statuses, args.limit, name=str(table))
+    cover_statuses = [s for s in statuses if s != VALIDATION]
+    pairs = select_pairs(read_cover_table(table), cover_statuses, None, name=str(table)) if cover_statuses else []
+    if VALIDATION in statuses:
+        pairs += validation_pairs(table, args.validation_variants, args.validation_warps, args.validation_size, args.seed)
+    if args.limit is not None and args.limit < 0:
+        raise HistRegInputError(f"--limit must be at least 0, not {args.limit}")
+    pairs = pairs[:args.limit] if args.limit is not None else pairs
     if not pairs:
         raise HistRegInputError(f"{table}: no pairs with status {statuses}")
     env = environment(threads, devices, args.command)
@@ -693,8 +725,9 @@ def _main(args) -> int:
 
     first_ours = next((r.label for r in runners if r.method.kind == "histreg"), None)
     rows, stage_rows, landmark_rows, overlay_results, overlay_pair = [], [], [], {}, None
-    for k, cover in enumerate(pairs):
-        pair = load_pair(k, cover)
+    for k in range(len(pairs)):
+        cover, pairs[k] = pairs[k], None  # validation pairs are held in memory: let each go once run
+        pair = cover if isinstance(cover, LoadedPair) else load_pair(k, cover)
         if k == 0 and not args.no_warmup:
             warm_up(runners, pair)
         before = None  # rTRE of every landmark before registration: the same for every method

@@ -188,3 +188,41 @@ def test_evaluate_flags_an_unrelated_pair_in_pairs_csv(tmp_path, ihc_stains):
     assert summary["flagged"] == 1 and summary["per_status"]["unrelated"]["flagged"] == 1
     named = [str(w.message) for w in caught if issubclass(w.category, RegistrationNeedsCheck)]
     assert named == ["astronaut.png -> h.png needs a look: " + named[0].split("needs a look: ")[1]]
+
+
+def test_padding_edges_do_not_score_a_placement(ihc_stains):
+    """The choice criterion counts only windows inside both images' content: a crop laid on an
+    unrelated, turned crop of the same size scores far below the right placement, even though
+    its zero-padded frame lines up exactly (the inner-crop failure: whole-grid local NCC rated
+    the unrotated start above the right 55 degree turn)."""
+    from napari_histreg.pipeline import Pipeline
+    from napari_histreg.stages.initial import _local_scores, content_box
+
+    fixed, moving = ihc_stains
+    source, target, _, _ = _inner_crop_pair(moving, fixed, 55.0)
+    pair = Pipeline(RegistrationConfig(**FAST)).preprocess(source, target)
+    assert not content_box(pair.target).all()  # the padding is there to be ignored
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    right = register(source, target, RegistrationConfig(**FAST), threads=1).matrix
+    wrong, good = _local_scores(pair.source, pair.target, np.stack([identity, right]), InitialAlignmentConfig(), None)
+    assert good > 2 * wrong, (good, wrong)
+
+
+def test_affine_result_that_lowers_local_ncc_is_dropped_for_its_start(ihc_stains):
+    """``affine_or_start`` keeps a right start over a worse "refinement" and says so, and keeps
+    a refinement that does not lower the criterion."""
+    from napari_histreg.pipeline import AffineResultRejected, Pipeline, affine_or_start
+
+    fixed, moving = ihc_stains
+    source, target, _, _ = _inner_crop_pair(moving, fixed, 30.0)
+    pair = Pipeline(RegistrationConfig(**FAST)).preprocess(source, target)
+    right = register(source, target, RegistrationConfig(**FAST), threads=1).matrix
+    turn = cv.rotation_about((np.array(pair.target.shape) - 1) / 2, 12.0)
+    drifted = (np.vstack([right, [0, 0, 1]]) @ np.vstack([turn, [0, 0, 1]]))[:2]  # 12 degrees off
+    with pytest.warns(AffineResultRejected):
+        kept, info = affine_or_start(pair.source, pair.target, right, drifted)
+    assert info["kept"] == "start" and np.allclose(kept, right)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AffineResultRejected)
+        kept, info = affine_or_start(pair.source, pair.target, drifted, right)
+    assert info["kept"] == "affine" and np.allclose(kept, right)

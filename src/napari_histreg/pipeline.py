@@ -99,6 +99,8 @@ class RegistrationConfig:
     use_initial: bool = True
     use_affine: bool = True
     nonrigid_method: str = "dense"
+    #: keep the affine stage's start where the affine stage lowered the local NCC (:func:`affine_or_start`)
+    affine_check: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +113,31 @@ class RegistrationConfig:
 #: the non-rigid stage; near-perfect same-image pairs differ in the fourth decimal), so only a
 #: clear loss, as from an image unlike the networks' training data, counts as a failure.
 REJECT_NCC_DROP = 0.01
+
+
+#: The affine stage's result is dropped for its start when it lowers the initial alignment's
+#: choice criterion (content-aware local NCC, :func:`~napari_histreg.stages.initial._local_scores`)
+#: by more than this share of the start's value.
+AFFINE_LOCAL_DROP = 0.1
+
+
+def affine_or_start(source, target, start, matrix, device=None) -> tuple[np.ndarray, dict]:
+    """The affine stage's ``matrix``, or its ``start`` where ``matrix`` explains the target clearly
+    worse by the criterion that chose the start (:data:`AFFINE_LOCAL_DROP`). Global NCC, which the
+    affine stage follows, can drift from a right start on a crop cut inside the tissue (a
+    feature match with hundreds of inliers, 0.004 from the landmarks, driven to 0.08), where
+    local NCC falls with it. Returns the matrix kept and what was measured (``info["affine_check"]``)."""
+    from .stages.initial import InitialAlignmentConfig, _local_scores
+
+    with torch.no_grad():
+        before, after = _local_scores(source, target, np.stack([start, matrix]), InitialAlignmentConfig(), device)
+    keep_start = bool(after < before * (1.0 - AFFINE_LOCAL_DROP))
+    measured = {"start_local_ncc": round(float(before), 5), "affine_local_ncc": round(float(after), 5),
+                "kept": "start" if keep_start else "affine"}
+    if keep_start:
+        warnings.warn(f"the affine stage lowered the local NCC from {before:.4f} to {after:.4f}: keeping its start",
+                      AffineResultRejected, stacklevel=3)
+    return (np.asarray(start, dtype=np.float64) if keep_start else matrix), measured
 
 
 def clearly_worse(proposal_ncc: float, reference_ncc: float) -> bool:
@@ -131,6 +158,11 @@ class RegistrationNeedsCheck(UserWarning):
 class NetworkProposalRejected(UserWarning):
     """A network's proposal aligned the pair clearly worse (global NCC, :func:`clearly_worse`)
     than what it would have replaced, and the pipeline fell back (the message says to what)."""
+
+
+class AffineResultRejected(NetworkProposalRejected):
+    """The affine stage's result explained the target clearly worse than its start (local NCC,
+    :func:`affine_or_start`), and the start was kept."""
 
 
 def _rejected(what: str, proposal_ncc: float, start: str, start_ncc: float, fallback: str) -> bool:
@@ -314,7 +346,10 @@ class Pipeline:
                     found = found.matrix
                 matrix = np.asarray(found, dtype=np.float64)
         if self.affine is not None:
+            start_matrix = matrix
             matrix = timed("affine", lambda: np.asarray(self.affine(src, tgt, matrix, progress), dtype=np.float64))
+            if self.config.affine_check and self.config.use_initial:
+                matrix, info["affine_check"] = affine_or_start(src, tgt, start_matrix, matrix, self.device)
         field = affine_to_field(matrix, tgt.shape)[0].numpy()
         if self.nonrigid is not None:
             field = timed("nonrigid", lambda: np.asarray(self.nonrigid(src, tgt, field, progress), dtype=np.float32))

@@ -67,6 +67,12 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, box=None) -> to
     filter (5 channels in one conv) because that is the hot path of the non-rigid stage.
     ``box``: the box filter ``(x, window) -> means`` (default: convolutions).
     """
+    cc = local_ncc_map(a, b, window, box)
+    return cc.mean(dim=tuple(range(1, cc.ndim)))
+
+
+def local_ncc_map(a: torch.Tensor, b: torch.Tensor, window: int = 9, box=None) -> torch.Tensor:
+    """The squared local NCC at every pixel (what :func:`local_ncc` averages), shaped like ``a``."""
     stacked = torch.cat((a, b, a * a, b * b, a * b), dim=1)
     means = (box or _box_mean)(stacked, window)
     c = a.shape[1]
@@ -74,8 +80,7 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, box=None) -> to
     cov = mu_ab - mu_a * mu_b
     var_a = (mu_aa - mu_a * mu_a).clamp_min(0)
     var_b = (mu_bb - mu_b * mu_b).clamp_min(0)
-    cc = cov * cov / (var_a * var_b + 1e-5)
-    return cc.mean(dim=tuple(range(1, cc.ndim)))
+    return cov * cov / (var_a * var_b + 1e-5)
 
 
 def diffusion(field: torch.Tensor) -> torch.Tensor:

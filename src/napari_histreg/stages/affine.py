@@ -33,6 +33,10 @@ class AffineConfig:
     levels: tuple[int, ...] = (128, 256, 384)
     iterations: tuple[int, ...] = (100, 60, 40)
     learning_rate: float = 0.003
+    #: NCC over the overlap of the two images' content (inside the zero padding, inside the
+    #: source's grid) rather than the whole grid: for a crop cut inside the tissue, the step to
+    #: the padding is an edge the whole-grid NCC lines up instead of the tissue
+    overlap_only: bool = False
 
 
 def optimise_affine(
@@ -67,16 +71,27 @@ def optimise_affines(
     params.requires_grad_(True)
     total = int(sum(config.iterations))
     done = 0
+    if config.overlap_only:
+        from .initial import content_box
+
+        src_box, tgt_box = content_box(source).astype(np.float32), content_box(target).astype(np.float32)
     for size, iterations in zip(config.levels, config.iterations):
         shape = level_shape((h, w), size)
-        src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None].expand(batch, -1, -1, -1)
+        src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
         tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None].expand(batch, -1, -1, -1)
+        if config.overlap_only:
+            src = torch.cat([src, resample(src_box, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]], dim=1)
+            tgt_inside = resample(tgt_box, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+        src = src.expand(batch, -1, -1, -1)
         optimiser = torch.optim.Adam([params], lr=config.learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad()
             grid = normalised_affine_grid(params, shape)
             warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
-            loss = -ncc(warped, tgt).sum()
+            if config.overlap_only:  # NCC over the overlap of the two images' content only
+                loss = -ncc(warped[:, :1], tgt, warped[:, 1:].detach() * tgt_inside).sum()
+            else:
+                loss = -ncc(warped, tgt).sum()
             loss.backward()
             optimiser.step()
             done += 1

@@ -56,6 +56,8 @@ class InitialAlignmentConfig:
     trust_inliers: int = 40
     polish_levels: tuple[int, ...] = (128, 256)
     polish_iterations: tuple[int, ...] = (40, 20)
+    #: the short affine's NCC over the overlap of the images' content only (``AffineConfig.overlap_only``)
+    polish_overlap_only: bool = True
     #: longer side and window of the local NCC that chooses
     choice_size: int = 192
     choice_window: int = 9
@@ -208,20 +210,49 @@ def _search(src, tgt, c_t_small, c_s_small, count, config, device, progress, tot
     return angles, scores, found, done
 
 
+def content_box(image: np.ndarray) -> np.ndarray:
+    """Boolean mask of the bounding box of the non-zero pixels: the image inside the zero
+    padding that preprocessing adds to reach the working grid."""
+    image = np.asarray(image)
+    rows, cols = np.flatnonzero(image.any(axis=1)), np.flatnonzero(image.any(axis=0))
+    box = np.zeros(image.shape, dtype=bool)
+    if rows.size and cols.size:
+        box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+    return box
+
+
+def _inner_windows(valid: torch.Tensor, window: int) -> torch.Tensor:
+    """1 where a ``window`` x ``window`` neighbourhood lies wholly inside ``valid`` (N, 1, H, W)."""
+    pad = window // 2
+    outside = F.max_pool2d(1.0 - valid, window, stride=1, padding=pad)
+    return 1.0 - outside
+
+
 def _local_scores(source, target, matrices, config, device) -> np.ndarray:
     """Local NCC (``choice_window``) of ``target`` with ``source`` warped by each matrix, all at
-    the ``choice_size`` grid in one batch."""
+    the ``choice_size`` grid in one batch, counted only in windows that lie inside both images
+    (the source's content warped, the target's content; the rest scores 0, so a placement that
+    overlaps less still scores less). Without that, the step from an image's content to the
+    zero padding or to outside the source, which in a crop cut inside the tissue is an edge as
+    strong as any, makes every placement that lines the two frames up look good."""
     from ..conventions import affine_pixels_to_normalised, normalised_affine_grid
-    from ..similarity import local_ncc
+    from ..similarity import local_ncc_map
 
     h, w = target.shape
     shape = level_shape((h, w), config.choice_size)
     src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+    src_box = resample(content_box(source).astype(np.float32), shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+    tgt_box = resample(content_box(target).astype(np.float32), shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     theta = torch.tensor(np.stack([affine_pixels_to_normalised(m, (h, w)) for m in matrices]), dtype=torch.float32, device=device)
-    warped = F.grid_sample(src.expand(len(matrices), -1, -1, -1), normalised_affine_grid(theta, shape), mode="bilinear",
+    grid = normalised_affine_grid(theta, shape)
+    n = len(matrices)
+    warped = F.grid_sample(torch.cat([src, src_box], dim=1).expand(n, -1, -1, -1), grid, mode="bilinear",
                            padding_mode="zeros", align_corners=ALIGN_CORNERS)
-    return local_ncc(warped, tgt.expand_as(warped), config.choice_window).cpu().numpy()
+    valid = ((warped[:, 1:] > 0.99) & (tgt_box > 0.99)).to(warped.dtype)
+    inside = _inner_windows(valid, config.choice_window)
+    cc = local_ncc_map(warped[:, :1], tgt.expand(n, -1, -1, -1), config.choice_window)
+    return (cc * inside).mean(dim=(1, 2, 3)).cpu().numpy()
 
 
 def same_place(a: np.ndarray, b: np.ndarray, shape, tolerance: float = 0.02) -> bool:
@@ -300,11 +331,17 @@ def initial_alignment(
                                                   _angle_of(proposal["matrix"]), True, float("nan"),
                                                   compose_affine(flip, proposal["matrix"]), proposal["inliers"]))
     starts = np.stack([c.matrix for c in candidates])
-    polish = AffineConfig(levels=config.polish_levels, iterations=config.polish_iterations)
+    polish = AffineConfig(levels=config.polish_levels, iterations=config.polish_iterations, overlap_only=config.polish_overlap_only)
     with torch.enable_grad():
         polished = optimise_affines(source, target, starts, polish, device)
     with torch.no_grad():
-        local = _local_scores(source, target, polished, config, device)
+        local_polished, local_start = np.split(_local_scores(source, target, np.concatenate([polished, starts]), config, device), 2)
+    # The short affine follows global NCC, which an inner crop (tissue to every edge, no outline)
+    # can pull away from a right start: each hypothesis is judged by the better of its start and
+    # its polished matrix, and carries that one on.
+    unpolished = local_start > local_polished
+    polished = np.where(unpolished[:, None, None], starts, polished)
+    local = np.maximum(local_polished, local_start)
     best = int(np.argmax(local))
     # A feature match with many RANSAC inliers is evidence no similarity score can outweigh:
     # chance consensus of that many matches does not happen, while local NCC can still prefer
