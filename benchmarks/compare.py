@@ -102,9 +102,11 @@ METHODS: list[Method] = [
 
 STAGE_ORDER = ("preprocess", "mask", "initial", "affine", "nonrigid", "registration", "field", "landmarks", "other")
 
-RESULT_COLUMNS = (
+#: ``results.csv``: the pair and method, then napari_histreg.scoring's columns (one vocabulary).
+ROW_COLUMNS = (
     "status", "pair", "source", "target", "method", "device", "initial_MrTRE", "MrTRE", "mean_rTRE", "max_rTRE",
-    "robustness", "n_landmarks", "seconds", "wrong_direction_MrTRE", "error",
+    "robustness", "n_landmarks", "seconds", "wrong_direction_MrTRE", "confidence", "flag", "weakest", "initial_choice",
+    "error",
 )
 
 
@@ -194,17 +196,18 @@ def validation_pairs(table: Path, variants: str, warps: int, size: int, seed: in
 
 
 def load_pair(index: int, pair) -> LoadedPair:
-    from napari_histreg.io import HistRegInputError, pair_landmarks, read_image, read_landmarks
+    """A cover-table pair read and its landmarks paired by id (:class:`napari_histreg.scoring.LandmarkPair`)."""
+    from napari_histreg.io import HistRegInputError, read_image
+    from napari_histreg.scoring import LandmarkPair
 
     for label, value in (("Source image", pair.source), ("Target image", pair.target),
                          ("Source landmarks", pair.source_landmarks), ("Target landmarks", pair.target_landmarks)):
         if not value:
             raise HistRegInputError(f"cover table line {pair.row}: no {label!r} given")
-    s_ids, s_pts = read_landmarks(pair.path(pair.source_landmarks))
-    t_ids, t_pts = read_landmarks(pair.path(pair.target_landmarks))
-    ids, s_pts, t_pts = pair_landmarks(s_ids, s_pts, t_ids, t_pts, pair.source_landmarks, pair.target_landmarks)
-    return LoadedPair(index, pair_label(pair), pair.status, pair.source, pair.target,
-                      read_image(pair.path(pair.source)), read_image(pair.path(pair.target)), list(ids), s_pts, t_pts)
+    source, target = read_image(pair.path(pair.source)), read_image(pair.path(pair.target))
+    landmarks = LandmarkPair.read(pair.path(pair.source_landmarks), pair.path(pair.target_landmarks), target.shape, source.shape)
+    return LoadedPair(index, pair_label(pair), pair.status, pair.source, pair.target, source, target,
+                      list(landmarks.ids), landmarks.source_rc, landmarks.target_rc)
 
 
 # --------------------------------------------------------------------------- runners
@@ -232,7 +235,7 @@ class Runner:
 
 
 def build_runners(methods: list[Method], devices: list[str], base_config, args) -> list[Runner]:
-    from napari_histreg.cli import apply_overrides
+    from napari_histreg.config import apply_overrides
 
     runners = []
     for method in methods:
@@ -288,9 +291,10 @@ def warm_up(runners: list[Runner], pair: LoadedPair) -> None:
 
 def run_one(runner: Runner, pair: LoadedPair) -> tuple[dict, dict, np.ndarray | None, object]:
     """Register and score one pair; returns (row, stage seconds, rTRE per landmark, result)."""
-    from napari_histreg.metrics import pair_metrics, rtre
+    from napari_histreg.metrics import rtre
+    from napari_histreg.scoring import LandmarkPair, result_columns, score_mapped
 
-    row = {c: None for c in RESULT_COLUMNS}
+    row = {c: None for c in ROW_COLUMNS}
     row.update(status=pair.status, pair=pair.label, source=pair.source_name, target=pair.target_name,
                method=runner.label, device=runner.device, error="")
     stages: dict[str, float] = {}
@@ -303,13 +307,9 @@ def run_one(runner: Runner, pair: LoadedPair) -> tuple[dict, dict, np.ndarray | 
         mapped = result.map_source_points(pair.source_points)
         _sync(runner.device)
         end = time.perf_counter()
-        if not np.isfinite(mapped).all():
-            raise ValueError("mapped landmarks are not finite")
-        metrics = pair_metrics(pair.source_points, mapped, pair.target_points, pair.target.shape[:2])
+        landmarks = LandmarkPair.from_points(pair.source_points, pair.target_points, pair.target.shape)
+        row.update(score_mapped(mapped, landmarks), **result_columns(result), seconds=end - start)
         errors = rtre(mapped, pair.target_points, pair.target.shape[:2])
-        row.update(initial_MrTRE=metrics["initial_median_rtre"], MrTRE=metrics["median_rtre"],
-                   mean_rTRE=metrics["mean_rtre"], max_rTRE=metrics["max_rtre"], robustness=metrics["robustness"],
-                   n_landmarks=metrics["n_landmarks"], seconds=end - start)
         stages = {k: float(v) for k, v in result.timings.items() if k != "total"}
         stages["landmarks"] = end - mark
         stages["other"] = max(0.0, (end - start) - sum(stages.values()))
@@ -673,7 +673,7 @@ def _main(args) -> int:
     import torch
 
     from napari_histreg import RegistrationConfig
-    from napari_histreg.cli import apply_overrides
+    from napari_histreg.config import apply_overrides
     from napari_histreg.evaluate import read_cover_table, select_pairs
     from napari_histreg.outputs import staged_outputs
     from napari_histreg.io import HistRegInputError, atomic_write_json, atomic_write_text
@@ -770,7 +770,7 @@ def _main(args) -> int:
     out = Path(args.out)
     # a benchmark folder of an earlier run is replaced; anything else is refused (napari_histreg.outputs)
     with staged_outputs(out, overwrite=True, command="benchmarks/compare.py") as stage:
-        write_csv(stage / "results.csv", RESULT_COLUMNS, rows)
+        write_csv(stage / "results.csv", ROW_COLUMNS, rows)
         write_csv(stage / "landmarks.csv", ("status", "pair", "method", "device", "landmark", "initial_rTRE", "rTRE"), landmark_rows)
         write_csv(stage / "stages.csv", ("status", "pair", "method", "device", "stage", "seconds"), stage_rows)
         atomic_write_json(stage / "summary.json", json.loads(json.dumps(report, default=str)))

@@ -231,17 +231,15 @@ def make_variant_pairs(images: list[tuple[str, np.ndarray]], variants, warps: in
 
 
 def score(result, pair) -> dict:
-    """The ANHIR metrics of one registered pair (as ``histreg evaluate`` records them)."""
-    from napari_histreg.metrics import pair_metrics
+    """The ANHIR metrics of one registered pair, as ``histreg evaluate`` records them
+    (:func:`napari_histreg.scoring.score`: the known grid points are the landmarks)."""
+    from napari_histreg.scoring import LandmarkPair, score as score_pair
 
-    m = pair_metrics(pair["source_rc"], result.map_source_points(pair["source_rc"]), pair["target_rc"],
-                     pair["target"].shape[:2])
-    return {"MrTRE": m["median_rtre"], "mean_rTRE": m["mean_rtre"], "max_rTRE": m["max_rtre"],
-            "initial_MrTRE": m["initial_median_rtre"], "robustness": m["robustness"], "n_points": m["n_landmarks"]}
+    return score_pair(result, LandmarkPair.from_points(pair["source_rc"], pair["target_rc"], pair["target"].shape))
 
 
 def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> list[dict]:
-    from napari_histreg.cli import apply_overrides
+    from napari_histreg.config import apply_overrides
     from napari_histreg.pipeline import Pipeline, RegistrationConfig
 
     rows = []
@@ -254,19 +252,12 @@ def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> l
             result = pipeline.run(pair["source"], pair["target"])
             seconds = time.perf_counter() - start
             row = {"method": name, "pair": pair["name"], "variant": pair.get("variant", "standard"), "seconds": seconds,
-                   **score(result, pair), **confidence_columns(result)}
+                   **score(result, pair)}
             rows.append(row)
             if not quiet:
                 print(f"{name:18s} {pair['name']:42s} MrTRE {row['MrTRE']:.5f}  mean {row['mean_rTRE']:.5f}  "
                       f"{seconds:.2f} s", flush=True)
     return rows
-
-
-def confidence_columns(result) -> dict:
-    """The result's confidence, flag and initial-alignment choice (empty where absent)."""
-    conf = result.confidence
-    chosen = result.info.get("initial", {}).get("chosen", "")
-    return {"confidence": conf.get("score"), "flag": conf.get("flag", ""), "initial_choice": chosen}
 
 
 def catastrophic_counts(rows: list[dict]) -> dict:

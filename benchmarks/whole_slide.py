@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_histreg import RegistrationConfig
-from napari_histreg.slide import OmeZarrWriter, open_slide, register_slides, run_blocks, write_ome_tiff
+from napari_histreg.slides import OmeZarrWriter, open_slide, register_slides, run_blocks, write_ome_tiff
 from napari_histreg.tiled import warp_slide
 
 

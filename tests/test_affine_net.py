@@ -161,6 +161,34 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     assert after < before - 0.01, (before, after)
 
 
+def test_wide_renderings_add_clahe_pale_and_dark_views_and_stretched_residuals():
+    """``renderings='wide'``: each image also comes CLAHE-equalised, pale and dark (three more
+    working greys, each different from the image's own), and some residuals are stretched along
+    one axis beyond the basic +-15 % scale (the validation set's ``stretched`` variant)."""
+    from napari_histreg.training.data import training_renderings
+
+    images = load_training_images(None, size=96, include_skimage=True)
+    basic = training_renderings(images[0], np.random.default_rng(0), 2, "basic")
+    wide = training_renderings(images[0], np.random.default_rng(0), 2, "wide")
+    assert len(basic) == 3 and len(wide) == 6
+    for a, b in zip(basic, wide[:3]):
+        np.testing.assert_array_equal(a, b)
+    for extra in wide[3:]:
+        assert extra.shape == images[0].grey.shape and 0.0 <= extra.min() and extra.max() <= 1.0
+        assert np.abs(extra - images[0].grey).mean() > 0.01
+    with pytest.raises(ValueError, match="renderings"):
+        training_renderings(images[0], np.random.default_rng(0), 2, "everything")
+
+    samples = AffineSamples(images, AffineNet(**TINY), "cpu", stain_variants=1, include_pairs=False, renderings="wide")
+    ratios = []
+    for k in range(20):
+        residual = make_batch(samples, np.random.default_rng([5, k]), 8)["residual"].numpy()
+        singular = np.linalg.svd(residual[:, :, :2], compute_uv=False)
+        ratios.extend(singular[:, 0] / singular[:, 1])
+    # basic residuals (scale +-15 %, shear 0.08) stay below ~1.45; stretched ones reach beyond
+    assert max(ratios) > 1.5
+
+
 # --------------------------------------------------------------------------- shipped weights
 @pytest.fixture(scope="module")
 def kidney_working(shared_data):

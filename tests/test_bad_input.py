@@ -33,9 +33,7 @@ FAST = {
 
 
 def fast_config() -> RegistrationConfig:
-    from napari_histreg.cli import apply_overrides
-
-    return apply_overrides(RegistrationConfig(), json.loads(json.dumps(FAST)))
+    return RegistrationConfig.from_dict(FAST)
 
 
 def tissue(shape=(120, 150), seed=0, rgb=True) -> np.ndarray:

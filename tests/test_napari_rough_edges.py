@@ -143,7 +143,7 @@ def test_step_widgets_update_every_result_layer_and_never_replace_others(sample_
     qc = LandmarksWidget(viewer)
     qc.target_points.value = viewer.layers[target_pts_name]
     qc.moving_points.value = registered
-    before = qc.update()["median_rtre"]
+    before = qc.update()["MrTRE"]
     arrows_before = vectors.data.copy()
 
     # a step widget from the identity: a different result, and every result layer shows it
@@ -157,7 +157,7 @@ def test_step_widgets_update_every_result_layer_and_never_replace_others(sample_
     expected = result.map_source_points(viewer.layers[source_pts_name].data)
     np.testing.assert_allclose(registered.data, expected, atol=1e-3)
     assert not np.allclose(vectors.data, arrows_before)  # the arrows follow the new result too
-    after = qc.update()["median_rtre"]
+    after = qc.update()["MrTRE"]
     assert after != before  # the QC describes the result on screen
     assert viewer.layers[f"{source_name} registered"] is mine  # still untouched
 

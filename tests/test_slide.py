@@ -1,4 +1,4 @@
-"""Lazy whole-slide reading (napari_histreg.slide): pyramidal TIFF, OME-Zarr 0.4 / 0.5, flat
+"""Lazy whole-slide reading (napari_histreg.slides): pyramidal TIFF, OME-Zarr 0.4 / 0.5, flat
 images with virtual levels and their conversion, and registration at the working level."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from napari_histreg import RegistrationConfig, register
 from napari_histreg.conventions import Frame
 from napari_histreg.io import HistRegInputError
 from napari_histreg.progress import RegistrationCancelled
-from napari_histreg.slide import (
+from napari_histreg.slides import (
     OmeZarrWriter,
     frame_to_level0,
     halve,
@@ -309,7 +309,7 @@ def test_register_slides_brings_levels_to_one_pixel_size(slide_pair):
     to the coarser one's pixel size before registering."""
     import dask.array as da
 
-    from napari_histreg.slide import Slide
+    from napari_histreg.slides import Slide
 
     pair, source_path, _ = slide_pair
     target0 = np.repeat(np.repeat(pair.target, 4, 0), 4, 1)
@@ -334,7 +334,7 @@ def test_a_one_strip_tiff_is_read_by_rows(tmp_path, monkeypatch):
     the slide reads its rows from the file instead, so a region costs its rows only."""
     import os as os_module
 
-    import napari_histreg.slide as slide_module
+    import napari_histreg.slides.read as slide_module
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (1500, 700, 3), dtype=np.uint8)
@@ -365,7 +365,7 @@ def test_a_one_strip_tiff_is_read_by_rows(tmp_path, monkeypatch):
 def test_block_means_in_bands_match_the_whole_image():
     import dask.array as da
 
-    from napari_histreg.slide import block_mean_bands
+    from napari_histreg.slides.read import block_mean_bands
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 60000, (403, 250), dtype=np.uint16)
@@ -379,7 +379,7 @@ def test_register_slides_on_a_flat_tiff_reads_level_zero_in_bands(tmp_path, monk
     level-0 copy (tracemalloc counts numpy's buffers; bands of 1 MB here, 64 MB by default)."""
     import tracemalloc
 
-    import napari_histreg.slide as slide_module
+    import napari_histreg.slides.read as slide_module
     from napari_histreg.sample import make_sample_pair
 
     monkeypatch.setattr(slide_module, "BAND_BYTES", 2**20)

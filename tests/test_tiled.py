@@ -24,7 +24,7 @@ from napari_histreg.conventions import Frame, affine_to_field, rotation_about
 from napari_histreg.io import HistRegInputError
 from napari_histreg.progress import RegistrationCancelled
 from napari_histreg.result import RegistrationResult
-from napari_histreg.slide import open_slide, write_ome_tiff
+from napari_histreg.slides import open_slide, write_ome_tiff
 from napari_histreg.tiled import warp_slide
 
 
@@ -279,7 +279,7 @@ def test_warp_checks_that_the_slide_is_the_transforms_source(sample_transform, t
 
     from skimage.transform import rescale
 
-    from napari_histreg.slide import open_slide
+    from napari_histreg.slides import open_slide
     from napari_histreg.tiled import check_slide_matches
 
     pair, result, json_path = sample_transform

@@ -7,7 +7,7 @@
 * :func:`register_batch` registers every pair of a CSV (``Source image``, ``Target image``,
   optional ``Source landmarks``, ``Target landmarks``, ``status``; paths relative to the CSV),
   slides included (each is read lazily at the level closest to the working size, see
-  :func:`napari_histreg.slide.register_slides`), and writes per pair a folder with the
+  :func:`napari_histreg.slides.register_slides`), and writes per pair a folder with the
   transform (level-0 pixels), the warped source landmarks, the metrics, and optionally the
   warped source as an OME-Zarr pyramid (tile-wise, :func:`napari_histreg.tiled.warp_slide`).
 
@@ -47,6 +47,7 @@ from .evaluate import (
 from .io import HistRegInputError, atomic_write_json
 from .outputs import check_output_folder, staged_outputs
 from .progress import ProgressCallback, RegistrationCancelled, report
+from .scoring import METRIC_COLUMNS, RESULT_COLUMNS
 
 __all__ = [
     "BATCH_COLUMNS",
@@ -61,7 +62,7 @@ __all__ = [
 #: Columns of ``batch.csv`` written by :func:`register_batch`.
 BATCH_COLUMNS = (
     "index", "source", "target", "status", "output", "source_level", "target_level",
-    "initial_MrTRE", "MrTRE", "mean_rTRE", "max_rTRE", "robustness", "n_landmarks", "seconds", "error",
+    *METRIC_COLUMNS, "seconds", *RESULT_COLUMNS, "error",
 )
 
 
@@ -229,11 +230,9 @@ def _batch_row(pair: CoverPair, folder, error: str = "") -> dict:
 def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp: bool = False, tile: int = 2048,
                        overwrite: bool = False, threads=1) -> dict:
     """Register one batch pair (slides read lazily) and write its folder; returns its row."""
-    import numpy as np
-
-    from .io import pair_landmarks, read_landmarks, write_landmarks
-    from .metrics import pair_metrics
-    from .slide import open_slide, register_slides
+    from .pair_outputs import write_pair_outputs
+    from .scoring import LandmarkPair, Landmarks, result_columns, score
+    from .slides import open_slide, register_slides
 
     folder = Path(folder)
     row = _batch_row(pair, folder)
@@ -243,29 +242,22 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
             if not value:
                 raise HistRegInputError(f"batch table line {pair.row}: no {label!r} given")
         source_path, target_path = pair.path(pair.source), pair.path(pair.target)
-        source_lm = read_landmarks(pair.path(pair.source_landmarks)) if pair.source_landmarks else None
-        target_lm = read_landmarks(pair.path(pair.target_landmarks)) if pair.target_landmarks else None
+        source_lm = Landmarks.read(pair.path(pair.source_landmarks)) if pair.source_landmarks else None
+        target_lm = Landmarks.read(pair.path(pair.target_landmarks)) if pair.target_landmarks else None
         with open_slide(source_path) as source, open_slide(target_path) as target:
+            landmarks = None
+            if source_lm is not None and target_lm is not None:
+                landmarks = LandmarkPair.from_landmarks(source_lm, target_lm, target.shape, source.shape)
             result = register_slides(source, target, config, device=device, seed=seed, threads=threads)
             row.update(source_level=result.info["slide"]["source_level"], target_level=result.info["slide"]["target_level"])
-            mapped = None
+            row.update(result_columns(result))
             metrics = None
-            if source_lm is not None:
-                mapped = result.map_source_points(source_lm[1])
-                if not np.isfinite(mapped).all():
-                    raise ValueError("mapped landmarks contain NaN (the transform is not finite)")
-            if source_lm is not None and target_lm is not None:
-                _, s_pts, t_pts = pair_landmarks(*source_lm, *target_lm, pair.source_landmarks, pair.target_landmarks)
-                metrics = pair_metrics(s_pts, result.map_source_points(s_pts), t_pts, target.shape)
-                row.update(initial_MrTRE=metrics["initial_median_rtre"], MrTRE=metrics["median_rtre"],
-                           mean_rTRE=metrics["mean_rtre"], max_rTRE=metrics["max_rtre"],
-                           robustness=metrics["robustness"], n_landmarks=metrics["n_landmarks"])
+            if landmarks is not None:
+                metrics = score(result, landmarks)
+                row.update({k: metrics[k] for k in METRIC_COLUMNS})
             with staged_outputs(folder, inputs=pair.input_paths(), overwrite=overwrite, command="register-batch") as stage:
-                result.save(stage / "transform")
-                if mapped is not None:
-                    write_landmarks(stage / "warped_source_landmarks.csv", source_lm[0], mapped)
-                if metrics is not None:
-                    atomic_write_json(stage / "metrics.json", {**metrics, "source": pair.source, "target": pair.target})
+                write_pair_outputs(stage, result, source_landmarks=source_lm,
+                                   metrics=None if metrics is None else {**metrics, "source": pair.source, "target": pair.target})
             if warp:
                 from .tiled import warp_slide
 

@@ -18,21 +18,12 @@ Where outputs may go is one rule for every command: :mod:`napari_histreg.outputs
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PAIRS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-OUTPUT_NAMES = {
-    "warped_png": "warped_source.png",
-    "warped_tif": "warped_source.tif",
-    "transform": "transform",  # transform.mha + transform.json
-    "landmarks": "warped_source_landmarks.csv",
-    "overlay": "overlay.png",
-    "metrics": "metrics.json",
-}
 
 DESCRIPTION = """\
 Register consecutive histology sections stained with different dyes (napari-histreg).
@@ -263,59 +254,13 @@ class PairProgress(_ClosingBars):
         self.pairs.close()
 
 
-def apply_overrides(config, overrides: dict, name: str = "config"):
-    """Set the fields of a (nested) config dataclass from a plain dict, checking the names
-    and value types; lists become tuples where the default is a tuple."""
-    import dataclasses
-
-    from .io import HistRegInputError
-
-    if not isinstance(overrides, dict):
-        raise HistRegInputError(f"{name}: expected a JSON object of settings, got {type(overrides).__name__}")
-    fields = {f.name for f in dataclasses.fields(config)}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise HistRegInputError(f"{name}: unknown setting {key!r} for {type(config).__name__}; known: {sorted(fields)}")
-        current = getattr(config, key)
-        if dataclasses.is_dataclass(current):
-            apply_overrides(current, value, f"{name}: {key}")
-            continue
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if current is not None and (type(value) is not type(current)):
-            raise HistRegInputError(f"{name}: setting {key!r} should be like {current!r}, not {value!r}")
-        setattr(config, key, value)
-    return config
-
-
 def _config(args):
-    from .pipeline import RegistrationConfig
+    """The run's configuration from the shared options (``--config``, ``--mode``, ``--mask``, ...)."""
+    from .config import build_config
 
-    config = RegistrationConfig()
-    if getattr(args, "config", None):
-        from .io import HistRegInputError
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise HistRegInputError(f"{path}: configuration file not found")
-        try:
-            overrides = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise HistRegInputError(f"{path}: not a JSON configuration ({err})") from None
-        apply_overrides(config, overrides, str(path))
-    if getattr(args, "method", None):
-        config.nonrigid_method = args.method
-    if getattr(args, "mode", None):
-        config.mode = args.mode
-    if getattr(args, "mask", None):
-        config.use_mask = args.mask != "none"
-        if args.mask != "none":
-            config.mask_method = args.mask
-    if getattr(args, "working_size", None):
-        config.preprocess.working_size = args.working_size
-    return config
+    return build_config(config_file=getattr(args, "config", None), mode=getattr(args, "mode", None),
+                        mask=getattr(args, "mask", None), nonrigid_method=getattr(args, "method", None),
+                        working_size=getattr(args, "working_size", None))
 
 
 def _device(args):
@@ -328,170 +273,33 @@ def _say(text: str = "") -> None:
     print(text, file=sys.stdout, flush=True)
 
 
-def _landmarks_outside(points, shape) -> int:
-    import numpy as np
-
-    points = np.asarray(points, dtype=float)
-    h, w = shape[:2]
-    margin = 0.05 * max(h, w)
-    outside = (points[:, 0] < -margin) | (points[:, 0] > h + margin) | (points[:, 1] < -margin) | (points[:, 1] > w + margin)
-    return int(outside.sum())
-
-
-def _check_landmarks_in_image(name, points, shape) -> None:
-    n = _landmarks_outside(points, shape)
-    if n == len(points):
-        from .io import HistRegInputError
-
-        raise HistRegInputError(
-            f"{name}: all {n} landmarks lie outside the {shape[1]}x{shape[0]} (w x h) image; "
-            "are they for another image or another scale?"
-        )
-    if n:
-        warnings.warn(f"{name}: {n} of {len(points)} landmarks lie outside the {shape[1]}x{shape[0]} (w x h) image", stacklevel=2)
-
-
-def _pair_ids(source, target):
-    """Pair landmarks by id; warn about ids that only one file has."""
-    from .io import pair_landmarks
-
-    (s_name, s_ids, s_pts), (t_name, t_ids, t_pts) = source, target
-    ids, s, t = pair_landmarks(s_ids, s_pts, t_ids, t_pts, s_name, t_name)
-    only_s = len(s_ids) - len(ids)
-    only_t = len(t_ids) - len(ids)
-    if only_s or only_t:
-        warnings.warn(
-            f"{s_name} and {t_name}: {len(ids)} landmark ids shared, {only_s} only in the source file, "
-            f"{only_t} only in the target file (those are left out of the metrics)",
-            stacklevel=2,
-        )
-    return ids, s, t
-
-
-def register_and_write(
-    source_image,
-    target_image,
-    *,
-    out=None,
-    source_landmarks=None,
-    target_landmarks=None,
-    inputs=(),
-    config=None,
-    device=None,
-    seed=0,
-    quiet=False,
-    names=("source", "target"),
-    overwrite=False,
-    threads=None,
-    command="register",
-) -> dict:
-    """Register arrays, write the outputs of ``histreg register`` into ``out`` (if given) and
-    return a dict with the result and (if both landmark sets are given) the metrics.
-
-    ``source_landmarks`` / ``target_landmarks``: ``(name, ids, points_rc)`` or None. ``out``
-    follows the output rule of :mod:`napari_histreg.outputs` (``inputs``: the files read).
-    """
-    import numpy as np
-
-    from . import __version__
-    from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
-    from .metrics import pair_metrics
-    from .outputs import check_output_folder, staged_outputs
-    from .pipeline import check_pair_shapes, is_constant, register
-
-    check_pair_shapes(source_image.shape, target_image.shape, *names)
-    for name, image in zip(names, (source_image, target_image)):
-        if is_constant(image):
-            raise HistRegInputError(f"{name}: image is constant (every pixel has the same value); there is nothing to register")
-    paired = None
-    if source_landmarks is not None:
-        _check_landmarks_in_image(source_landmarks[0], source_landmarks[2], source_image.shape)
-    if target_landmarks is not None:
-        _check_landmarks_in_image(target_landmarks[0], target_landmarks[2], target_image.shape)
-        if source_landmarks is None:
-            warnings.warn("target landmarks given without source landmarks: no metrics can be computed", stacklevel=2)
-        else:
-            paired = _pair_ids(source_landmarks, target_landmarks)
-
-    eight_bit = source_image.dtype == np.uint8
-    planned = []
-    if out is not None:
-        out = Path(out)
-        check_output_folder(out, inputs=inputs, overwrite=overwrite)  # before any work
-        planned = [OUTPUT_NAMES["warped_png" if eight_bit else "warped_tif"], "transform.mha", "transform.json",
-                   OUTPUT_NAMES["overlay"]]
-        if source_landmarks is not None:
-            planned.append(OUTPUT_NAMES["landmarks"])
-        if paired is not None:
-            planned.append(OUTPUT_NAMES["metrics"])
-
-    with StageProgress(disable=quiet) as progress:
-        result = register(source_image, target_image, config, device=device, seed=seed, progress=progress, threads=threads,
-                          name=f"{names[0]} -> {names[1]}")
-
-    report: dict = {"result": result, "outputs": [], "metrics": None}
-    mapped_all = None
-    if source_landmarks is not None:
-        mapped_all = result.map_source_points(source_landmarks[2])
-        if not np.isfinite(mapped_all).all():
-            raise ValueError(f"{source_landmarks[0]}: mapped landmarks are not finite (the transform is broken)")
-    if paired is not None:
-        ids, s_pts, t_pts = paired
-        mapped = result.map_source_points(s_pts)
-        metrics = pair_metrics(s_pts, mapped, t_pts, target_image.shape[:2])
-        metrics.update(
-            source=names[0], target=names[1], source_landmarks=source_landmarks[0], target_landmarks=target_landmarks[0],
-            landmark_ids=[str(i) for i in ids], seconds=result.timings.get("total"), timings=result.timings,
-            device=str(result.info.get("device")), threads=result.info.get("threads"), seed=seed, version=__version__,
-            confidence=result.confidence.get("score"), flag=result.flag, confidence_measures=result.confidence.get("measures"),
-            initial_choice=result.info.get("initial", {}).get("chosen"),
-        )
-        report["metrics"] = metrics
-
-    if out is not None:
-        with staged_outputs(out, inputs=inputs, overwrite=overwrite, command=command) as stage:
-            warped = result.warp(source_image)
-            write_image(stage / planned[0], warped)
-            result.save(stage / "transform")
-            if mapped_all is not None:
-                write_landmarks(stage / OUTPUT_NAMES["landmarks"], source_landmarks[1], mapped_all)
-            if report["metrics"] is not None:
-                atomic_write_json(stage / OUTPUT_NAMES["metrics"], report["metrics"])
-            from .overlay import save_overlay
-
-            save_overlay(stage / OUTPUT_NAMES["overlay"], target_image, source_image, warped,
-                         title=f"{Path(names[0]).name} -> {Path(names[1]).name}")
-        report["outputs"] = [out / name for name in planned]
-    return report
-
-
 def _print_metrics(metrics: dict | None) -> None:
     if metrics is None:
         return
     _say(
-        f"median rTRE: before {metrics['initial_median_rtre']:.5f}, after {metrics['median_rtre']:.5f} "
-        f"(mean {metrics['mean_rtre']:.5f}, max {metrics['max_rtre']:.5f}, robustness {metrics['robustness']:.3f}, "
+        f"median rTRE: before {metrics['initial_MrTRE']:.5f}, after {metrics['MrTRE']:.5f} "
+        f"(mean {metrics['mean_rTRE']:.5f}, max {metrics['max_rTRE']:.5f}, robustness {metrics['robustness']:.3f}, "
         f"{metrics['n_landmarks']} landmarks)"
     )
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_register(args) -> int:
-    from .io import read_image, read_landmarks
+    from .io import read_image
+    from .pair_outputs import register_pair
+    from .scoring import Landmarks
 
     source_image = read_image(args.source)
     target_image = read_image(args.target)
-    source_lm = target_lm = None
-    if args.source_landmarks:
-        source_lm = (args.source_landmarks, *read_landmarks(args.source_landmarks))
-    if args.target_landmarks:
-        target_lm = (args.target_landmarks, *read_landmarks(args.target_landmarks))
-    report = register_and_write(
-        source_image, target_image, out=args.output, source_landmarks=source_lm, target_landmarks=target_lm,
-        inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks],
-        config=_config(args), device=_device(args), seed=args.seed, quiet=args.quiet, names=(args.source, args.target),
-        overwrite=args.overwrite, threads=args.threads,
-    )
+    source_lm = Landmarks.read(args.source_landmarks) if args.source_landmarks else None
+    target_lm = Landmarks.read(args.target_landmarks) if args.target_landmarks else None
+    with StageProgress(disable=args.quiet) as progress:
+        report = register_pair(
+            source_image, target_image, out=args.output, source_landmarks=source_lm, target_landmarks=target_lm,
+            inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks],
+            config=_config(args), device=_device(args), seed=args.seed, progress=progress, names=(args.source, args.target),
+            overwrite=args.overwrite, threads=args.threads,
+        )
     result = report["result"]
     _say(f"registered {args.source} onto {args.target} in {result.timings.get('total', 0):.1f} s on "
          f"{result.info.get('device')} ({result.info.get('threads')} thread(s))")
@@ -550,29 +358,35 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import numpy as np
+
     from .io import HistRegInputError
 
     try:
         from .sample import make_sample_pair
     except ImportError as err:
         raise HistRegInputError(f"napari_histreg.sample: the bundled sample pair is not available ({err})") from None
+    from .pair_outputs import register_pair
+    from .scoring import Landmarks
+
     pair = make_sample_pair()
     ids = getattr(pair, "ids", None)
-    ids = list(ids if ids is not None else range(len(pair.source_landmarks)))
-    report = register_and_write(
-        pair.source, pair.target, out=args.output,
-        source_landmarks=("sample source landmarks", ids, pair.source_landmarks),
-        target_landmarks=("sample target landmarks", ids, pair.target_landmarks),
-        config=_config(args), device=_device(args), seed=args.seed, quiet=args.quiet,
-        names=("sample source", "sample target"), overwrite=args.overwrite, threads=args.threads, command="demo",
-    )
+    ids = np.asarray(list(ids if ids is not None else range(len(pair.source_landmarks))), dtype=object)
+    with StageProgress(disable=args.quiet) as progress:
+        report = register_pair(
+            pair.source, pair.target, out=args.output,
+            source_landmarks=Landmarks("sample source landmarks", ids, pair.source_landmarks),
+            target_landmarks=Landmarks("sample target landmarks", ids, pair.target_landmarks),
+            config=_config(args), device=_device(args), seed=args.seed, progress=progress,
+            names=("sample source", "sample target"), overwrite=args.overwrite, threads=args.threads, command="demo",
+        )
     m = report["metrics"]
     info = report["result"].info
     _say(f"sample pair {pair.source.shape[1]}x{pair.source.shape[0]} -> {pair.target.shape[1]}x{pair.target.shape[0]}, "
          f"registered in {report['result'].timings.get('total', 0):.1f} s on {info.get('device')} "
          f"({info.get('threads')} thread(s))")
-    _say(f"median rTRE before: {m['initial_median_rtre']:.5f}")
-    _say(f"median rTRE after:  {m['median_rtre']:.5f}")
+    _say(f"median rTRE before: {m['initial_MrTRE']:.5f}")
+    _say(f"median rTRE after:  {m['MrTRE']:.5f}")
     if args.output:
         _say(f"outputs in {args.output}: {', '.join(p.name for p in report['outputs'])}")
     return EXIT_OK
@@ -580,7 +394,7 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------- whole slides and dask
 # `histreg warp`, `histreg register-batch` and `histreg evaluate --scheduler/--workers`
-# (napari_histreg.slide, .tiled and .batch). Kept apart from the commands above.
+# (napari_histreg.slides, .tiled and .batch). Kept apart from the commands above.
 def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
     """``--scheduler`` / ``--workers`` on ``histreg evaluate``: run the pairs on dask."""
     group = parser.add_argument_group("parallel run (dask.distributed)")
@@ -680,7 +494,7 @@ def cmd_evaluate_parallel(args) -> int:
 
 def cmd_warp(args) -> int:
     from .progress import RegistrationCancelled
-    from .slide import partial_path
+    from .slides import partial_path
     from .tiled import warp_slide
 
     progress = StageProgress(disable=args.quiet)
@@ -702,7 +516,7 @@ def cmd_warp(args) -> int:
         return EXIT_INTERRUPTED
     finally:
         progress.close()
-    from .slide import open_slide
+    from .slides import open_slide
 
     with open_slide(out) as slide:
         sizes = ", ".join(f"{w}x{h}" for h, w in (slide.level_shape(k) for k in range(len(slide.levels))))
@@ -810,6 +624,9 @@ def _add_train_command(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
     p.add_argument("--no-skimage", action="store_true", help="do not add scikit-image's images to the data")
+    p.add_argument("--renderings", choices=("basic", "wide"), default=None,
+                   help="affine and nonrigid: self-pair renderings; wide adds CLAHE, pale and dark stainings "
+                        "(and for affine stretched residuals and inner-crop views) (default: the network's)")
     _add_overwrite_option(p, "weights file")
     _add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -846,7 +663,12 @@ def cmd_train(args) -> int:
     if args.data is None and args.no_skimage:
         raise HistRegInputError("no training data: give --data or drop --no-skimage")
     started = time.perf_counter()
-    report = trainer(args.data, out, options, _device(args), include_skimage=not args.no_skimage)
+    extra = {}
+    if args.renderings is not None:
+        if args.kind == "segmentation":
+            raise HistRegInputError("--renderings applies to the affine and nonrigid networks, not segmentation")
+        extra["renderings"] = args.renderings
+    report = trainer(args.data, out, options, _device(args), include_skimage=not args.no_skimage, **extra)
     _say(f"trained {args.kind} network: {report.steps} steps in {time.perf_counter() - started:.0f} s, "
          f"final loss {report.final_loss:.4f}; weights in {out}")
     return EXIT_OK

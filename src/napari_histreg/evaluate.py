@@ -6,7 +6,7 @@ to the CSV's folder. :func:`evaluate_table` registers every pair, maps the sourc
 into the target frame and scores them with the ANHIR metrics (:mod:`napari_histreg.metrics`).
 A pair that fails is recorded with its error message and the run goes on.
 
-Used by ``histreg evaluate`` and the benchmark scripts::
+Used by ``histreg evaluate`` and ``benchmarks/compare.py``::
 
     rows, summary = evaluate_table("data/dataset.csv", "results/", statuses=["training"])
 """
@@ -23,30 +23,15 @@ from typing import Iterable
 
 import numpy as np
 
-from .io import HistRegInputError, atomic_path, atomic_write_json, pair_landmarks, read_image, read_landmarks
+from .io import HistRegInputError, atomic_path, atomic_write_json, read_image
 from .outputs import check_not_inputs, check_output_folder, staged_outputs  # noqa: F401  (re-exported)
 from .progress import ProgressCallback, RegistrationCancelled, report
+from .scoring import METRIC_COLUMNS, RESULT_COLUMNS
 
 REQUIRED_COLUMNS = ("Source image", "Source landmarks", "Target image", "Target landmarks")
 
 #: Columns of ``pairs.csv`` (and keys of each row returned by :func:`evaluate_table`).
-PAIR_COLUMNS = (
-    "source",
-    "target",
-    "status",
-    "initial_MrTRE",
-    "MrTRE",
-    "mean_rTRE",
-    "max_rTRE",
-    "robustness",
-    "n_landmarks",
-    "seconds",
-    "confidence",
-    "flag",
-    "weakest",
-    "initial_choice",
-    "error",
-)
+PAIR_COLUMNS = ("source", "target", "status", *METRIC_COLUMNS, "seconds", *RESULT_COLUMNS, "error")
 
 
 @dataclasses.dataclass
@@ -141,46 +126,27 @@ def _one_line(err: BaseException) -> str:
 
 
 def evaluate_pair(pair: CoverPair, pipeline, progress: ProgressCallback = None) -> dict:
-    """Register one cover-table pair with ``pipeline`` and score it; raises on failure."""
-    from .metrics import pair_metrics
+    """Register one cover-table pair with ``pipeline`` and score it (:func:`~napari_histreg.scoring.score`);
+    raises on failure."""
     from .pipeline import register
+    from .scoring import LandmarkPair, score
 
     for label, value in (("Source image", pair.source), ("Target image", pair.target),
                          ("Source landmarks", pair.source_landmarks), ("Target landmarks", pair.target_landmarks)):
         if not value:
             raise HistRegInputError(f"cover table line {pair.row}: no {label!r} given")
-    source_path, target_path = pair.path(pair.source), pair.path(pair.target)
-    source_lm_path, target_lm_path = pair.path(pair.source_landmarks), pair.path(pair.target_landmarks)
-    for path in (source_path, target_path, source_lm_path, target_lm_path):
+    for path in (pair.path(pair.source), pair.path(pair.target)):
         if not path.exists():
             raise HistRegInputError(f"{path}: file not found")
-    source_ids, source_points = read_landmarks(source_lm_path)
-    target_ids, target_points = read_landmarks(target_lm_path)
-    _, source_points, target_points = pair_landmarks(
-        source_ids, source_points, target_ids, target_points, str(source_lm_path), str(target_lm_path)
-    )
-    source_image = read_image(source_path)
-    target_image = read_image(target_path)
+    source_image = read_image(pair.path(pair.source))
+    target_image = read_image(pair.path(pair.target))
+    landmarks = LandmarkPair.read(pair.path(pair.source_landmarks), pair.path(pair.target_landmarks),
+                                  target_image.shape, source_image.shape)
     start = time.perf_counter()
     result = register(source_image, target_image, pipeline=pipeline, progress=progress, name=f"{pair.source} -> {pair.target}")
-    mapped = result.map_source_points(source_points)
-    seconds = time.perf_counter() - start
-    if not np.isfinite(mapped).all():
-        raise ValueError("mapped landmarks contain NaN (the transform is not finite)")
-    metrics = pair_metrics(source_points, mapped, target_points, target_image.shape[:2])
-    return {
-        "initial_MrTRE": metrics["initial_median_rtre"],
-        "MrTRE": metrics["median_rtre"],
-        "mean_rTRE": metrics["mean_rtre"],
-        "max_rTRE": metrics["max_rtre"],
-        "robustness": metrics["robustness"],
-        "n_landmarks": metrics["n_landmarks"],
-        "seconds": seconds,
-        "confidence": result.confidence.get("score"),
-        "flag": result.flag,
-        "weakest": result.confidence.get("weakest"),
-        "initial_choice": result.info.get("initial", {}).get("chosen"),
-    }
+    row = score(result, landmarks)
+    row["seconds"] = time.perf_counter() - start
+    return row
 
 
 # --------------------------------------------------------------------------- summaries

@@ -70,7 +70,7 @@ def atomic_write_json(path, data) -> Path:
 MEMORY_SHARE = 1 / 16
 LAZY_PATH_HINT = (
     "register it as a whole slide instead, read lazily at the working resolution: `histreg register-batch PAIRS.csv` "
-    "or napari_histreg.slide.register_slides, then `histreg warp` for the full resolution"
+    "or napari_histreg.slides.register_slides, then `histreg warp` for the full resolution"
 )
 
 
@@ -109,7 +109,7 @@ def check_decoded_size(name: str, shape, dtype, share: float = MEMORY_SHARE, laz
     suffix = Path(name).suffix.lower()
     if suffix in (".jpg", ".jpeg", ".png", ".bmp"):
         text += (f" ({suffix[1:].upper()} cannot be read in parts: convert it once to a tiled pyramidal TIFF or an "
-                 "OME-Zarr, e.g. napari_histreg.slide.to_zarr_pyramid or `vips tiffsave IN OUT.tif --tile --pyramid`)")
+                 "OME-Zarr, e.g. napari_histreg.slides.to_zarr_pyramid or `vips tiffsave IN OUT.tif --tile --pyramid`)")
     raise HistRegInputError(text)
 
 

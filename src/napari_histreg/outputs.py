@@ -168,7 +168,7 @@ def write_marker(folder, files: Iterable[str], command: str = "") -> Path:
 def is_zarr_output(path) -> bool:
     """An OME-Zarr (or its ``.partial``) built by this package: it holds the job file and only
     zarr entries (metadata files and numbered level folders)."""
-    from .slide import JOB_FILE, PROGRESS_FILE
+    from .slides import JOB_FILE, PROGRESS_FILE
 
     path = Path(path)
     if not path.is_dir() or not (path / JOB_FILE).is_file():

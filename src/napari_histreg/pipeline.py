@@ -40,70 +40,23 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import MASK_METHODS, MODES, RegistrationConfig  # noqa: F401 (re-exported: the pipeline's API)
 from .confidence import describe, judge, measure
 from .conventions import affine_to_field, default_device, seed_everything
 from .io import HistRegInputError, check_image, read_image
 from .progress import ProgressCallback, report
 from .result import RegistrationResult
 from .similarity import warped_ncc
-from .stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
+from .stages.affine import learned_affine, optimise_affine
 from .stages.initial import InitialAlignmentConfig, initial_alignment
-from .stages.learned_nonrigid import LearnedNonrigidConfig, learned_nonrigid
-from .stages.mask import OtsuMaskConfig, otsu_tissue_mask
-from .stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
-from .stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
-from .stages.segment import UNetMaskConfig, unet_tissue_mask
+from .stages.learned_nonrigid import learned_nonrigid
+from .stages.mask import otsu_tissue_mask
+from .stages.nonrigid import dense_nonrigid, patch_nonrigid
+from .stages.preprocess import PreparedPair, preprocess_pair
+from .stages.segment import unet_tissue_mask
 from .threads import requested_threads, torch_threads
 
 STAGES = ("preprocess", "mask", "initial", "affine", "nonrigid")
-MODES = ("optimise", "learned", "hybrid")
-MASK_METHODS = ("otsu", "unet")
-
-
-def _hybrid_affine_config():
-    return AffineConfig(levels=(256, 384), iterations=(20, 15))
-
-
-@dataclasses.dataclass
-class RegistrationConfig:
-    """Every parameter of the pipeline.
-
-    ``mode``: ``"optimise"``, ``"learned"`` or ``"hybrid"`` (see the module docstring).
-    ``nonrigid_method``: ``"none"`` skips the non-rigid stage in every mode; otherwise, for
-    the optimisation (``optimise`` mode, and the refinement of ``hybrid``), ``"dense"``
-    optimises a dense field and ``"patches"`` runs the patch-group engine with per-patch
-    optimisation. ``use_mask`` sets the background outside the tissue mask to 0, the mask
-    coming from ``mask_method`` (``"otsu"`` or the ``"unet"`` network); ``use_initial`` /
-    ``use_affine`` switch those stages off when False. ``hybrid_affine`` / ``hybrid_dense``
-    are the optimisations that follow the networks in ``hybrid`` mode."""
-
-    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
-    mask: OtsuMaskConfig = dataclasses.field(default_factory=OtsuMaskConfig)
-    initial: InitialAlignmentConfig = dataclasses.field(default_factory=InitialAlignmentConfig)
-    affine: AffineConfig = dataclasses.field(default_factory=AffineConfig)
-    dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
-    patches: PatchConfig = dataclasses.field(default_factory=PatchConfig)
-    segmentation: UNetMaskConfig = dataclasses.field(default_factory=UNetMaskConfig)
-    learned_affine: LearnedAffineConfig = dataclasses.field(default_factory=LearnedAffineConfig)
-    learned_nonrigid: LearnedNonrigidConfig = dataclasses.field(default_factory=LearnedNonrigidConfig)
-    hybrid_affine: AffineConfig = dataclasses.field(default_factory=_hybrid_affine_config)
-    # The full dense schedule, like ``dense``. Chosen on the landmark-free validation set of
-    # benchmarks/validation.py (cross-stain renderings of one section under known warps, 16
-    # pairs, seeds 0 and 1), never on the expert landmarks: from the network's field, half the
-    # iterations (30, 25, 15) gave AArTRE 0.0404 / 0.0439, the full (60, 40, 20) 0.0402 / 0.0437
-    # and lower per-pair medians on 26 of 32 pairs (3 ties, 3 higher).
-    hybrid_dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
-    mode: str = "hybrid"
-    use_mask: bool = False
-    mask_method: str = "otsu"
-    use_initial: bool = True
-    use_affine: bool = True
-    nonrigid_method: str = "dense"
-    #: keep the affine stage's start where the affine stage lowered the local NCC (:func:`affine_or_start`)
-    affine_check: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 #: ``hybrid`` and ``learned`` modes reject a network's proposal when its global NCC is lower than
@@ -127,7 +80,7 @@ def affine_or_start(source, target, start, matrix, device=None) -> tuple[np.ndar
     affine stage follows, can drift from a right start on a crop cut inside the tissue (a
     feature match with hundreds of inliers, 0.004 from the landmarks, driven to 0.08), where
     local NCC falls with it. Returns the matrix kept and what was measured (``info["affine_check"]``)."""
-    from .stages.initial import InitialAlignmentConfig, _local_scores
+    from .stages.initial import _local_scores
 
     with torch.no_grad():
         before, after = _local_scores(source, target, np.stack([start, matrix]), InitialAlignmentConfig(), device)

@@ -13,7 +13,7 @@ tile (``tile x tile`` pixels of the target grid at the source's resolution) it
 3. reads only that region of the lazy source level (only the chunks it overlaps), and samples
    it with ``grid_sample`` (``align_corners=True``, zero padding around ``cval``), exactly as
    :meth:`RegistrationResult.warp` does on a whole image;
-4. writes the tile into level 0 of an OME-Zarr (NGFF 0.4, see :mod:`napari_histreg.slide`);
+4. writes the tile into level 0 of an OME-Zarr (NGFF 0.4, see :mod:`napari_histreg.slides`);
    tiles are aligned to the zarr chunks so that parallel writers never share a chunk.
 
 A tile whose source region would exceed ``max_region`` times the tile's area (a strong
@@ -38,7 +38,7 @@ from .conventions import ALIGN_CORNERS, field_between_frames, pixels_to_normalis
 from .io import HistRegInputError
 from .progress import ProgressCallback
 from .result import RegistrationResult
-from .slide import (
+from .slides import (
     DEFAULT_CHUNK,
     DEFAULT_MIN_SIZE,
     OmeZarrWriter,
@@ -206,7 +206,7 @@ def warp_slide(
     max_region: float = 4.0,
     device=None,
 ) -> Path:
-    """Warp ``source`` (a :class:`~napari_histreg.slide.Slide`, path or array) onto the target
+    """Warp ``source`` (a :class:`~napari_histreg.slides.Slide`, path or array) onto the target
     grid with ``transform`` (a :class:`RegistrationResult` or the path of a saved one) and
     write an OME-Zarr multiscale at ``output`` (and a pyramidal OME-TIFF at ``tiff``).
 

@@ -110,15 +110,8 @@ class LearnedAffineConfig:
     estimate with the inverse of the backward one (cancels the matcher's bias; about 1.6x
     the time of a plain pass).
 
-    Measured (1 thread, 768 working grid, shipped weights; known affines on 16 real working
-    sections, median error over the tissue): plain 1 / 2 / 3 passes 2.5 / 1.9 / 1.7 px,
-    symmetric 1 / 2 / 3 passes 1.9 / 1.3 / 1.0 px, at about 0.045 / 0.07 / 0.1 s (plain) and
-    0.06 / 0.11 / 0.16 s (symmetric) on a busy CPU. Symmetric passes return the identity for
-    identical images. The default, two symmetric passes, was chosen on the landmark-free
-    validation set of ``benchmarks/validation.py`` (16 cross-stain pairs under known warps,
-    seeds 0 and 1): ``learned`` mode AArTRE 0.0422 / 0.0443 with one pass, 0.0406 / 0.0418
-    with two, and in ``hybrid`` mode two passes rescue a lung pair one pass leaves misaligned
-    (0.031 -> 0.0002)."""
+    The default, two symmetric passes, was chosen on the landmark-free validation set
+    (benchmarks/README.md, "Settings and how they were chosen")."""
 
     weights: str = "affine"
     passes: int = 2

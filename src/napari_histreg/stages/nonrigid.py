@@ -66,31 +66,8 @@ class DenseConfig:
     at 14-30 times the dense weight and these pairs end where the dense part alone takes them.
     ``coarse_learning_rate``: Adam step of the coarse parts (level pixels)."""
 
-    # Measured on ../shared/data (training + synthetic pairs, 1 thread), MrTRE per pair.
-    # Dense part alone, (192, 384, 576) x (60, 50, 30): kidney 0.0022, proSPC->HE 0.0036,
-    # CC10->HE 0.0044, CC10->proSPC 0.0016, synthetic rigid 0.0017, affine 0.0012, elastic
-    # 0.0036 (its worst landmarks slide along straight edges; weaker diffusion makes it worse:
-    # 0.0067 at 0.1; a 768 px last level alone: 0.0035). A weakly regularised coarse grid
-    # alone fixes the elastic pair (spacing 16, weight 0.03: 0.0017) but lets the lung pairs
-    # drift (0.0069 / 0.0083): inside the lesion their cross-stain similarity is noise. No
-    # fixed coarse weight serves both (0.03-3: elastic 0.0019-0.0034 while the lung pairs lose
-    # 0.0003-0.0015); the noise-scaled one does. Defaults: kidney 0.0021, proSPC->HE 0.0038,
-    # CC10->HE 0.0043, CC10->proSPC 0.0015, rigid 0.0018, affine 0.0012, elastic 0.0016.
-    # The synthetic pairs have 12 landmarks each, annotated to ~1.5 px (the best affine fit to
-    # the rigid pair's own landmarks leaves a median of 1.45 px), so their medians sit near
-    # the 2 px bar and jump with float rounding; the settings were therefore compared over
-    # 6-10 runs from initial fields perturbed by 1e-3 px. Elastic / rigid mean (max) x 1000:
-    # (24, 48) x 100 with coarse steps of 0.1 px: 1.62 (1.67) / 1.81 (1.84); with steps of
-    # 0.3 px: 1.61 / 1.80 but rigid up to 2.11 (nearly free coarse parts random-walk under
-    # Adam on a pair that needs none); (32, 64): 1.70 / 1.74; (28, 56): 1.94 / 1.79; (20, 40):
-    # rigid 2.02; one grid of 24: elastic 2.00; coarse_regularisation 50: 1.53 / 1.80 (but
-    # proSPC->HE 0.0039-0.0040), 200: 1.89 / 1.78. The training pairs stay within 0.0002 of
-    # the dense-only numbers throughout (proSPC->HE, the most variable, 0.0036-0.0040; it
-    # moves that much with the level schedule alone). The last level at the full 768 px
-    # working size lowers the elastic pair's mid-rank errors (576 px: 0.0019); 20 iterations
-    # there and 40 in the middle, with the shifted-sum box filter of local_ncc_fast and the
-    # grid-space diffusion of the coarse parts, keep this stage faster than the former
-    # (576, 60/50/30) dense-only default (1.4 s vs 1.75 s a pair, 1 thread).
+    # Chosen on the training and synthetic pairs together, never one of them: the measurements
+    # are in benchmarks/README.md, "Settings and how they were chosen".
     levels: tuple[int, ...] = (192, 384, 768)
     iterations: tuple[int, ...] = (60, 40, 20)
     learning_rate: float = 0.3

@@ -36,10 +36,9 @@ from .data import (
     apply_affine,
     grouped_prealigned_pairs,
     jitter_intensity,
-    jitter_stain,
     load_training_images,
     random_affine,
-    working_grey,
+    training_renderings,
 )
 from .loop import TrainOptions, TrainReport, reproducing_command, train
 
@@ -48,13 +47,20 @@ DEFAULT_OPTIONS = TrainOptions(steps=1100, learning_rate=1e-3, weight_decay=0.0,
 #: Residual affine ranges (``random_affine``'s arguments) at full magnitude.
 RESIDUAL = {"rotation": 12.0, "scale": 0.15, "shear": 0.08, "translation": 0.10}
 
+#: With ``renderings='wide'``, what the validation set's harder variants add to the geometry: a
+#: share of residuals stretched along one axis (up to 1.5x, as sections deformed on mounting) and
+#: a share of views zoomed into the tissue (crops with no outline).
+WIDE_GEOMETRY = {"stretch_share": 0.2, "max_stretch": 1.5, "crop_share": 0.2, "crop_zoom": (0.55, 0.9)}
+
 
 class AffineSamples:
     """Everything a batch is drawn from, on ``device`` at the network's input size."""
 
-    def __init__(self, images, net: AffineNet, device, stain_variants: int = 4, include_pairs: bool = True, log=None):
+    def __init__(self, images, net: AffineNet, device, stain_variants: int = 4, include_pairs: bool = True, log=None,
+                 renderings: str = "basic"):
         device = torch.device(device or "cpu")
         self.device = device
+        self.wide = renderings == "wide"
 
         def prep(grey: np.ndarray) -> torch.Tensor:
             with torch.no_grad():
@@ -64,9 +70,7 @@ class AffineSamples:
         # self-pairs: each image as its own working grey plus stain-jittered renderings
         self.renderings: list[torch.Tensor] = []
         for image in images:
-            variants = [prep(image.grey)]
-            for _ in range(stain_variants):
-                variants.append(prep(working_grey(jitter_stain(image.rgb, rng, strength=0.08))))
+            variants = [prep(grey) for grey in training_renderings(image, rng, stain_variants, renderings)]
             self.renderings.append(torch.stack(variants))  # (V, 1, S, S)
         # real pairs: prealigned cross-stain pairs within a tissue block; pair_groups holds
         # the indices into pairs, one list per tissue block
@@ -77,13 +81,17 @@ class AffineSamples:
         return len(self.renderings) + len(self.pairs)
 
 
-def random_view(rng: np.random.Generator) -> np.ndarray:
+def random_view(rng: np.random.Generator, crop_share: float = 0.0) -> np.ndarray:
     """A random 2x3 ``affine_grid`` view of a square: a multiple of 90 degrees, an optional
-    flip, a small rotation and a zoom (backward scale ``> 1`` shrinks the content)."""
+    flip, a small rotation and a zoom (backward scale ``> 1`` shrinks the content; with
+    probability ``crop_share`` a zoom into the tissue, :data:`WIDE_GEOMETRY`'s ``crop_zoom``)."""
     k = int(rng.integers(4))
     angle = k * math.pi / 2 + math.radians(rng.uniform(-15.0, 15.0))
     c, s = math.cos(angle), math.sin(angle)
-    zoom = float(np.exp(rng.uniform(math.log(0.9), math.log(1.3))))
+    if crop_share and rng.random() < crop_share:
+        zoom = float(rng.uniform(*WIDE_GEOMETRY["crop_zoom"]))
+    else:
+        zoom = float(np.exp(rng.uniform(math.log(0.9), math.log(1.3))))
     flip = -1.0 if rng.random() < 0.5 else 1.0
     linear = zoom * np.array([[c, -s], [s, c]]) @ np.diag([flip, 1.0])
     return np.concatenate([linear, rng.uniform(-0.05, 0.05, (2, 1))], axis=1).astype(np.float32)
@@ -106,9 +114,13 @@ def make_batch(samples: AffineSamples, rng: np.random.Generator, batch_size: int
             src, tgt = variants[int(i)], variants[int(j)]
         magnitude = float(rng.uniform(0.0, 1.0))
         residual = random_affine(rng, **{k: v * magnitude for k, v in RESIDUAL.items()})
+        if samples.wide and rng.random() < WIDE_GEOMETRY["stretch_share"]:
+            stretch = np.ones(2, np.float32)
+            stretch[int(rng.integers(2))] = rng.uniform(1.0, WIDE_GEOMETRY["max_stretch"]) ** rng.choice([-1.0, 1.0])
+            residual[:, :2] = residual[:, :2] @ np.diag(stretch)
         sources.append(src)
         targets.append(tgt)
-        views.append(random_view(rng))
+        views.append(random_view(rng, WIDE_GEOMETRY["crop_share"] if samples.wide else 0.0))
         residuals.append(residual)
     device = samples.device
     clean_source = torch.stack(sources)
@@ -148,12 +160,15 @@ def train_affine(
     network: dict | None = None,
     images=None,
     samples: AffineSamples | None = None,
+    renderings: str = "basic",
 ) -> TrainReport:
     """Train an :class:`AffineNet` on the images of ``data`` (folder or cover table; may be
     None: scikit-image's images only) and write it to ``weights``.
 
     ``network``: the network's keyword config (default: :class:`AffineNet`'s). ``images`` /
     ``samples``: already loaded training images or samples (reused across experiments).
+    ``renderings``: ``basic`` or ``wide`` (:func:`~.data.training_renderings`, and
+    :data:`WIDE_GEOMETRY`'s stretched residuals and inner-crop views).
     """
     options = options or DEFAULT_OPTIONS
     device = torch.device(device or "cpu")
@@ -164,7 +179,7 @@ def train_affine(
         if images is None:
             images = load_training_images(data, size=image_size, include_skimage=include_skimage)
         log = print if options.progress else None
-        samples = AffineSamples(images, net, device, log=log)
+        samples = AffineSamples(images, net, device, log=log, renderings=renderings)
     prepare_seconds = time.perf_counter() - started
     meta = {
         "data": str(data) if data is not None else None,
@@ -174,9 +189,11 @@ def train_affine(
         "images": len(samples.renderings),
         "real_pairs": len(samples.pairs),
         "residual": dict(RESIDUAL),
+        "renderings": renderings,
+        **({"wide_geometry": dict(WIDE_GEOMETRY)} if renderings == "wide" else {}),
         "loss": "-NCC (full + quarter resolution) after warping",
         "prepare_seconds": round(prepare_seconds, 1),
-        "command": reproducing_command("affine", data, weights, options, include_skimage),
+        "command": reproducing_command("affine", data, weights, options, include_skimage, renderings),
     }
     return train(
         net,

@@ -257,6 +257,39 @@ def jitter_stain(rgb: np.ndarray, rng: np.random.Generator, strength: float = 0.
     return np.clip(hed2rgb(hed * alpha + beta * hed.std(axis=(0, 1))), 0.0, 1.0).astype(np.float32)
 
 
+#: ``renderings`` choices of the affine and non-rigid trainers: ``basic`` (stain jitter of each
+#: image) and ``wide`` (also the renderings new sections come in, as benchmarks/validation.py's
+#: variants make them).
+RENDERINGS = ("basic", "wide")
+
+
+def wide_renderings(image: TrainingImage) -> list[np.ndarray]:
+    """Working greys of ``image`` as other scanners and stainings show it: contrast-equalised
+    by CLAHE (a common grey export), a pale staining (optical densities x0.35) and a dark one
+    (x1.5). Deterministic: the randomness is in the jitter applied on top of them."""
+    from skimage.color import rgb2hed
+    from skimage.exposure import equalize_adapthist
+
+    hed = rgb2hed(np.clip(image.rgb, 1e-4, 1.0))
+    clahe = equalize_adapthist(np.clip(image.grey, 0, 1), clip_limit=0.02).astype(np.float32)
+    pale = working_grey(np.clip(render_stains(hed, (0.35, 0.35, 0.35)), 0, 1))
+    dark = working_grey(np.clip(render_stains(hed, (1.5, 1.5, 1.5)), 0, 1))
+    return [clahe, pale, dark]
+
+
+def training_renderings(image: TrainingImage, rng: np.random.Generator, stain_variants: int, renderings: str = "basic") -> list[np.ndarray]:
+    """The working greys a self-pair of ``image`` is drawn from: its own, ``stain_variants``
+    HED-jittered ones, and with ``renderings='wide'`` the :func:`wide_renderings` too."""
+    if renderings not in RENDERINGS:
+        raise ValueError(f"renderings must be one of {', '.join(RENDERINGS)}, not {renderings!r}")
+    variants = [image.grey]
+    for _ in range(stain_variants):
+        variants.append(working_grey(jitter_stain(image.rgb, rng, strength=0.08)))
+    if renderings == "wide":
+        variants.extend(wide_renderings(image))
+    return variants
+
+
 def jitter_intensity(grey: np.ndarray | torch.Tensor, rng: np.random.Generator, strength: float = 1.0):
     """Random gamma, contrast, brightness, blur and noise on a working grey image in
     ``[0, 1]``; returns the same type it was given."""

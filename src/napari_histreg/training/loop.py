@@ -61,9 +61,10 @@ def state_path(weights) -> Path:
     return weights.with_name(weights.name + ".state")
 
 
-def reproducing_command(kind: str, data, weights, options: "TrainOptions", include_skimage: bool = True) -> str:
+def reproducing_command(kind: str, data, weights, options: "TrainOptions", include_skimage: bool = True,
+                        renderings: str | None = None) -> str:
     """The ``histreg train`` command line that repeats a run (recorded in the weights' meta):
-    the same network, data, steps, learning rate and seed."""
+    the same network, data, steps, learning rate, seed and renderings."""
     parts = ["histreg train", kind]
     if isinstance(data, (str, Path)):
         parts += ["--data", str(data)]
@@ -71,6 +72,8 @@ def reproducing_command(kind: str, data, weights, options: "TrainOptions", inclu
               "--seed", str(options.seed)]
     if not include_skimage:
         parts.append("--no-skimage")
+    if renderings is not None:
+        parts += ["--renderings", renderings]
     return " ".join(parts)
 
 

@@ -42,7 +42,7 @@ from ..similarity import curvature, diffusion, local_ncc
 from ..stages.nonrigid import fold_patches
 from ..stages.preprocess import level_shape as _level_shape
 from ..stages.preprocess import resample
-from .data import grouped_prealigned_pairs, jitter_intensity, jitter_stain, load_training_images, random_smooth_field, working_grey
+from .data import grouped_prealigned_pairs, jitter_intensity, load_training_images, random_smooth_field, training_renderings
 from .loop import TrainOptions, TrainReport, reproducing_command, train
 
 # 10 000 steps (15 min on one CPU thread): against the former 3500, the landmark-free validation
@@ -62,7 +62,8 @@ class NonrigidTrainConfig:
     optimiser's); ``curvature``: curvature weight; ``supervised``: weight of the end-point
     error against the known field of self-pairs (their warp is applied to the target, so the
     backward field to find is that warp itself); ``stain_variants``: HED-jittered renderings
-    per image for self-pairs."""
+    per image for self-pairs; ``renderings``: ``basic`` or ``wide`` (also CLAHE, pale and dark
+    renderings: :func:`~.data.training_renderings`)."""
 
     levels: tuple[int, ...] = (256, 320, 384)
     patch_size: int = 64
@@ -76,6 +77,7 @@ class NonrigidTrainConfig:
     curvature: float = 0.0
     supervised: float = 0.0
     stain_variants: int = 3
+    renderings: str = "basic"
 
 
 # --------------------------------------------------------------------------- samples
@@ -88,10 +90,7 @@ class NonrigidSamples:
         rng = np.random.default_rng(12345)
         self.renderings: list[list[np.ndarray]] = []  # per image: working greys of stain variants
         for image in images:
-            variants = [image.grey]
-            for _ in range(config.stain_variants):
-                variants.append(working_grey(jitter_stain(image.rgb, rng, strength=0.08)))
-            self.renderings.append(variants)
+            self.renderings.append(training_renderings(image, rng, config.stain_variants, config.renderings))
         pairs, self.pair_groups = grouped_prealigned_pairs(images, log) if include_pairs else ([], [])
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = [(p.source, p.target) for p in pairs]
         self._levels: dict[tuple, torch.Tensor] = {}
@@ -261,6 +260,7 @@ def train_nonrigid(
     image_size: int = 768,
     images=None,
     samples: NonrigidSamples | None = None,
+    renderings: str | None = None,
 ) -> TrainReport:
     """Train a :class:`PatchFieldUNet` on the images of ``data`` (folder or cover table; may be
     None: scikit-image's images only) and write it to ``weights``.
@@ -268,10 +268,13 @@ def train_nonrigid(
     ``config``: sampling and loss (:class:`NonrigidTrainConfig`); ``network``: the network's
     keyword config (default: :class:`PatchFieldUNet`'s); ``image_size``: longer side of the
     working grid the levels are taken from (the pipeline's default working size);
-    ``images`` / ``samples``: already loaded data (reused across experiments).
+    ``images`` / ``samples``: already loaded data (reused across experiments); ``renderings``
+    (``basic`` | ``wide``) overrides ``config.renderings``.
     """
     options = options or DEFAULT_OPTIONS
     config = config or NonrigidTrainConfig()
+    if renderings is not None:
+        config = dataclasses.replace(config, renderings=renderings)
     device = torch.device(device or "cpu")
     started = time.perf_counter()
     torch.manual_seed(options.seed)
@@ -290,7 +293,7 @@ def train_nonrigid(
         "real_pairs": len(samples.pairs),
         "loss": "-local NCC + diffusion of the Hann-blended patch field, on regions cut and blended as inference does",
         "prepare_seconds": round(prepare_seconds, 1),
-        "command": reproducing_command("nonrigid", data, weights, options, include_skimage),
+        "command": reproducing_command("nonrigid", data, weights, options, include_skimage, config.renderings),
     }
     return train(
         net,

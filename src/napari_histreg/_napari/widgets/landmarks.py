@@ -45,8 +45,8 @@ def fill_missing_ids(layer) -> bool:
 def landmark_errors(target_points, moving_points, target_image=None) -> dict:
     """Pair two Points layers by ``id`` and measure the distances in target image pixels.
 
-    Returns ``ids``, ``errors`` (px), ``rtre`` (distance / target diagonal), ``median_rtre``,
-    ``mean_rtre``, ``max_rtre`` and ``n`` (NaN statistics when nothing pairs).
+    Returns ``ids``, ``errors`` (px), ``rtre`` (distance / target diagonal), ``MrTRE``,
+    ``mean_rTRE``, ``max_rTRE`` and ``n`` (NaN statistics when nothing pairs).
     """
     t_rc = points_in_pixels(target_points, target_image)
     m_rc = points_in_pixels(moving_points, target_image)
@@ -60,15 +60,15 @@ def landmark_errors(target_points, moving_points, target_image=None) -> dict:
         everything = np.vstack([t_rc, m_rc]) if len(t_rc) + len(m_rc) else np.ones((1, 2))
         shape = tuple(np.ceil(everything.max(axis=0) + 1))
     if not pairs:
-        return {"ids": [], "errors": np.zeros(0), "rtre": np.zeros(0), "median_rtre": np.nan, "mean_rtre": np.nan, "max_rtre": np.nan, "n": 0}
+        return {"ids": [], "errors": np.zeros(0), "rtre": np.zeros(0), "MrTRE": np.nan, "mean_rTRE": np.nan, "max_rTRE": np.nan, "n": 0}
     ids = [p[0] for p in pairs]
     t = t_rc[[p[1] for p in pairs]]
     m = m_rc[[p[2] for p in pairs]]
     errors = np.linalg.norm(m - t, axis=1)
     rel = rtre(m, t, shape)
     return {
-        "ids": ids, "errors": errors, "rtre": rel, "median_rtre": float(np.median(rel)),
-        "mean_rtre": float(np.mean(rel)), "max_rtre": float(np.max(rel)), "n": len(ids),
+        "ids": ids, "errors": errors, "rtre": rel, "MrTRE": float(np.median(rel)),
+        "mean_rTRE": float(np.mean(rel)), "max_rTRE": float(np.max(rel)), "n": len(ids),
     }
 
 
@@ -140,7 +140,7 @@ class LandmarksWidget(Container):
             self.summary.value = "no landmark ids in common"
         else:
             self.summary.value = (
-                f"{stats['median_rtre']:.5f} (mean {stats['mean_rtre']:.5f}, max {stats['max_rtre']:.5f}, "
+                f"{stats['MrTRE']:.5f} (mean {stats['mean_rTRE']:.5f}, max {stats['max_rTRE']:.5f}, "
                 f"{stats['n']} pairs)"
             )
         rows = [[i, round(float(e), 2), round(float(r), 6)] for i, e, r in zip(stats["ids"], stats["errors"], stats["rtre"])]

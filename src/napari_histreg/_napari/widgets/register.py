@@ -2,61 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 
-from ...pipeline import MASK_METHODS, MODES, RegistrationConfig, register
+from ...config import MASK_METHODS, MODES, RegistrationConfig, build_config
+from ...pipeline import register
 from ...progress import report
 from ..layers import add_layers, image_ref, result_to_layers, snapshot
 from ._base import DEVICES, RunWidget, check_pair, layer_picker, source_target_pickers, threads_box
 
 if TYPE_CHECKING:
     import napari
-
-
-def scaled(iterations, factor: float) -> tuple[int, ...]:
-    """Iterations per level times ``factor`` (at least 1 each)."""
-    return tuple(max(1, int(round(i * factor))) for i in iterations)
-
-
-def build_config(
-    *,
-    working_size: int | None = None,
-    nonrigid_method: str = "dense",
-    iterations_factor: float = 1.0,
-    regularisation: float | None = None,
-    use_initial: bool = True,
-    use_affine: bool = True,
-    use_mask: bool = False,
-    mode: str | None = None,
-    mask_method: str | None = None,
-) -> RegistrationConfig:
-    """A :class:`RegistrationConfig` from the widget's few knobs (defaults elsewhere)."""
-    config = RegistrationConfig()
-    if mode is not None:
-        config.mode = mode
-    if mask_method is not None:
-        config.mask_method = mask_method
-    if working_size:
-        config.preprocess = dataclasses.replace(config.preprocess, working_size=int(working_size))
-    config.nonrigid_method = nonrigid_method
-    config.use_initial = bool(use_initial)
-    config.use_affine = bool(use_affine)
-    config.use_mask = bool(use_mask)
-    if iterations_factor != 1.0:
-        config.affine = dataclasses.replace(config.affine, iterations=scaled(config.affine.iterations, iterations_factor))
-        config.dense = dataclasses.replace(config.dense, iterations=scaled(config.dense.iterations, iterations_factor))
-        config.patches = dataclasses.replace(config.patches, iterations=scaled(config.patches.iterations, iterations_factor))
-        config.hybrid_affine = dataclasses.replace(
-            config.hybrid_affine, iterations=scaled(config.hybrid_affine.iterations, iterations_factor)
-        )
-        config.hybrid_dense = dataclasses.replace(config.hybrid_dense, iterations=scaled(config.hybrid_dense.iterations, iterations_factor))
-    if regularisation is not None:
-        config.dense = dataclasses.replace(config.dense, regularisation=float(regularisation))
-        config.hybrid_dense = dataclasses.replace(config.hybrid_dense, regularisation=float(regularisation))
-    return config
 
 
 def resolve_device(name: str):
@@ -129,9 +86,8 @@ class RegisterWidget(RunWidget):
             regularisation=self.regularisation.value,
             use_initial=self.use_initial.value,
             use_affine=self.use_affine.value,
-            use_mask=self.use_mask.value,
+            mask=self.mask_method.value if self.use_mask.value else "none",
             mode=self.mode.value,
-            mask_method=self.mask_method.value,
         )
 
     def prepare(self):

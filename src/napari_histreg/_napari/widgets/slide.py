@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, FileEdit, SpinBox
 
-from ...slide import TIFF_SUFFIXES, open_slide, partial_path
+from ...slides import TIFF_SUFFIXES, open_slide, partial_path
 from ..readers import _paths
 from ._base import RunWidget, threads_box
 
@@ -30,7 +30,7 @@ __all__ = ["SlideWarpWidget", "get_slide_reader", "read_slide", "slide_layer_dat
 # --------------------------------------------------------------------------- reading
 def slide_layer_data(source, name: str | None = None, **kwargs) -> tuple:
     """A ``LayerDataTuple`` of a lazy multiscale image layer for ``source`` (a path, a
-    :class:`~napari_histreg.slide.Slide` or an array). ``kwargs`` go to the layer."""
+    :class:`~napari_histreg.slides.Slide` or an array). ``kwargs`` go to the layer."""
     slide = open_slide(source)
     meta = {
         "name": name or (Path(slide.path).name if slide.path else slide.name),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
+from ...config import scaled_iterations
 from ...conventions import affine_to_field
 from ...pipeline import RegistrationConfig, checked_learned_affine, checked_learned_nonrigid, hybrid_affine, hybrid_nonrigid
 from ...progress import report
@@ -29,7 +30,7 @@ from ...threads import torch_threads
 from ..layers import add_layers, image_ref, map_points_layer, result_to_layers, snapshot, working_placement
 from ..session import PairKey
 from ._base import DEVICES, RunWidget, check_pair, layer_picker, source_target_pickers, threads_box
-from .register import resolve_device, scaled
+from .register import resolve_device
 
 if TYPE_CHECKING:
     import napari
@@ -243,7 +244,7 @@ class AffineWidget(_StageWidget):
         method = self.method.value
         settings = RegistrationConfig()  # this widget's schedule in both of the affine optimisations
         settings.affine, settings.hybrid_affine = (
-            dataclasses.replace(d, iterations=scaled(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value))
+            dataclasses.replace(d, iterations=scaled_iterations(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value))
             for d in (settings.affine, settings.hybrid_affine)
         )
         pair, key, pconfig, mask = self._pair_plan(source, target)
@@ -303,9 +304,9 @@ class NonrigidWidget(_StageWidget):
         method = self.method.value
         factor = float(self.iterations.value)
         dense = DenseConfig()
-        dense = dataclasses.replace(dense, iterations=scaled(dense.iterations, factor), regularisation=float(self.regularisation.value))
+        dense = dataclasses.replace(dense, iterations=scaled_iterations(dense.iterations, factor), regularisation=float(self.regularisation.value))
         patches = PatchConfig()
-        patches = dataclasses.replace(patches, iterations=scaled(patches.iterations, factor))
+        patches = dataclasses.replace(patches, iterations=scaled_iterations(patches.iterations, factor))
         pair, key, pconfig, mask = self._pair_plan(source, target)
         matrix = self.session.matrix if pair is not None and self.session.matrix is not None else IDENTITY
         started_from = self.session.matrix_stage if pair is not None and self.session.matrix is not None else "identity"
