@@ -58,7 +58,7 @@ def kidney_run(shared_data, tmp_path_factory):
     args = [
         "register", d / f"{KIDNEY_SOURCE}.jpg", d / f"{KIDNEY_TARGET}.jpg", "-o", out,
         "--source-landmarks", d / f"{KIDNEY_SOURCE}.csv", "--target-landmarks", d / f"{KIDNEY_TARGET}.csv",
-        "--working-size", "256", "--seed", "0", "--config", config, "-q",
+        "--working-size", "256", "--config", config, "-q",
     ]
     code = main([str(a) for a in args])
     return code, out, d
@@ -254,7 +254,7 @@ def test_help_texts(capsys):
     for command in ("register", "evaluate", "convert", "demo", "--version"):
         assert command in text
     for command, words in {
-        "register": ["SOURCE", "TARGET", "--source-landmarks", "--target-landmarks", "--device", "--seed", "--method",
+        "register": ["SOURCE", "TARGET", "--source-landmarks", "--target-landmarks", "--device", "--method",
                      "--working-size", "metrics.json"],
         "evaluate": ["DATASET.csv", "--status", "--limit", "pairs.csv", "summary.json"],
         "convert": ["INPUT", "OUTDIR", "vector"],

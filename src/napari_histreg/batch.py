@@ -2,7 +2,7 @@
 
 * :func:`evaluate_table_distributed` is :func:`napari_histreg.evaluate.evaluate_table` with the
   pairs spread over dask workers: the same rows (each pair is registered by the same per-pair
-  function, :func:`napari_histreg.evaluate.evaluate_pair`, with the same seed), the same summary
+  function, :func:`napari_histreg.evaluate.evaluate_pair`, ), the same summary
   (plus a ``cluster`` entry), the same ``pairs.csv`` / ``summary.json``.
 * :func:`register_batch` registers every pair of a CSV (``Source image``, ``Target image``,
   optional ``Source landmarks``, ``Target landmarks``, ``status``; paths relative to the CSV),
@@ -136,13 +136,13 @@ def _run(client, fn: Callable, calls: list[tuple], on_error: Callable, progress:
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate_pair_task(pair: CoverPair, config, device, seed, threads=1) -> dict:
+def evaluate_pair_task(pair: CoverPair, config, device, threads=1) -> dict:
     """One row of :func:`evaluate_table` for ``pair``, computed where it runs (a dask worker)."""
     from .conventions import default_device
     from .pipeline import Pipeline
 
     try:
-        pipeline = Pipeline(config, device=default_device(device), seed=seed, threads=threads)
+        pipeline = Pipeline(config, device=default_device(device), threads=threads)
     except Exception as err:  # recorded, the batch goes on
         return empty_row(pair, _one_line(err))
     return evaluate_row(pair, pipeline, None)
@@ -154,7 +154,6 @@ def evaluate_table_distributed(
     statuses: Iterable[str] | str | None = None,
     config=None,
     device=None,
-    seed: int | None = 0,
     progress: ProgressCallback = None,
     limit: int | None = None,
     *,
@@ -188,10 +187,10 @@ def evaluate_table_distributed(
     names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
     with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
         cluster = _describe(dc)
-        calls = [(p, config, device_arg, seed, per_worker) for p in pairs]
+        calls = [(p, config, device_arg, per_worker) for p in pairs]
         rows = _run(dc, evaluate_pair_task, calls, failed, progress, names)
 
-    summary = table_summary(rows, csv_path, statuses, local_device, seed, config, cluster=cluster, threads_per_worker=per_worker)
+    summary = table_summary(rows, csv_path, statuses, local_device, config, cluster=cluster, threads_per_worker=per_worker)
     write_table_outputs(out_dir, rows, summary, overwrite=overwrite, inputs=table_inputs(csv_path, pairs))
     return rows, summary
 
@@ -227,7 +226,7 @@ def _batch_row(pair: CoverPair, folder, error: str = "") -> dict:
     return row
 
 
-def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp: bool = False, tile: int = 2048,
+def register_pair_task(pair: CoverPair, folder: str, config, device, warp: bool = False, tile: int = 2048,
                        overwrite: bool = False, threads=1) -> dict:
     """Register one batch pair (slides read lazily) and write its folder; returns its row."""
     from .pair_outputs import write_pair_outputs
@@ -248,7 +247,7 @@ def register_pair_task(pair: CoverPair, folder: str, config, device, seed, warp:
             landmarks = None
             if source_lm is not None and target_lm is not None:
                 landmarks = LandmarkPair.from_landmarks(source_lm, target_lm, target.shape, source.shape)
-            result = register_slides(source, target, config, device=device, seed=seed, threads=threads)
+            result = register_slides(source, target, config, device=device, threads=threads)
             row.update(source_level=result.info["slide"]["source_level"], target_level=result.info["slide"]["target_level"])
             row.update(result_columns(result))
             metrics = None
@@ -283,7 +282,6 @@ def register_batch(
     out_dir: str | os.PathLike,
     config=None,
     device=None,
-    seed: int | None = 0,
     *,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -330,7 +328,7 @@ def register_batch(
         return _batch_row(pairs[k], folders[k], f"worker failed: {_one_line(err)}")
 
     names = [f"{Path(p.source).name} -> {Path(p.target).name}" for p in pairs]
-    calls = [(p, str(f), config, device_arg, seed, warp, tile, overwrite, per_worker) for p, f in zip(pairs, folders)]
+    calls = [(p, str(f), config, device_arg, warp, tile, overwrite, per_worker) for p, f in zip(pairs, folders)]
     with dask_client(scheduler, workers, client=client, timeout=timeout) as dc:
         cluster = _describe(dc)
         rows = _run(dc, register_pair_task, calls, failed, progress, names)
@@ -343,7 +341,6 @@ def register_batch(
             "registered": sum(1 for r in rows if not r.get("error")),
             "failed": sum(1 for r in rows if r.get("error")),
             "table": str(csv_path),
-            "seed": seed,
             "version": __version__,
             "config": _jsonable(config.to_dict()),
             "cluster": cluster,

@@ -89,7 +89,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registration options")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                        help="where to compute: auto picks cuda, then mps, then cpu (default: auto)")
-    group.add_argument("--seed", type=int, default=0, help="random seed, for reproducible results (default: 0)")
     group.add_argument("--mode", default=None, choices=("hybrid", "optimise", "learned"),
                        help="hybrid: the shipped networks, then the instance optimisation from their result (the "
                             "most accurate); optimise: instance optimisation only; learned: the networks only "
@@ -297,7 +296,7 @@ def cmd_register(args) -> int:
         report = register_pair(
             source_image, target_image, out=args.output, source_landmarks=source_lm, target_landmarks=target_lm,
             inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks],
-            config=_config(args), device=_device(args), seed=args.seed, progress=progress, names=(args.source, args.target),
+            config=_config(args), device=_device(args), progress=progress, names=(args.source, args.target),
             overwrite=args.overwrite, threads=args.threads,
         )
     result = report["result"]
@@ -318,7 +317,7 @@ def cmd_evaluate(args) -> int:
     with PairProgress(disable=args.quiet) as progress:
         rows, summary = evaluate_table(
             args.table, args.output, statuses=args.status, config=_config(args), device=_device(args),
-            seed=args.seed, progress=progress, limit=args.limit, overwrite=args.overwrite, threads=args.threads,
+            progress=progress, limit=args.limit, overwrite=args.overwrite, threads=args.threads,
         )
     _say(format_table(rows, summary))
     _say(f"\nwritten {Path(args.output) / 'pairs.csv'} and {Path(args.output) / 'summary.json'}")
@@ -377,7 +376,7 @@ def cmd_demo(args) -> int:
             pair.source, pair.target, out=args.output,
             source_landmarks=Landmarks("sample source landmarks", ids, pair.source_landmarks),
             target_landmarks=Landmarks("sample target landmarks", ids, pair.target_landmarks),
-            config=_config(args), device=_device(args), seed=args.seed, progress=progress,
+            config=_config(args), device=_device(args), progress=progress,
             names=("sample source", "sample target"), overwrite=args.overwrite, threads=args.threads, command="demo",
         )
     m = report["metrics"]
@@ -482,7 +481,7 @@ def cmd_evaluate_parallel(args) -> int:
     with StageProgress(disable=args.quiet) as progress:
         rows, summary = evaluate_table_distributed(
             args.table, args.output, statuses=args.status, config=_config(args), device=args.device,
-            seed=args.seed, progress=progress, limit=args.limit, scheduler=args.scheduler, workers=args.workers,
+            progress=progress, limit=args.limit, scheduler=args.scheduler, workers=args.workers,
             overwrite=args.overwrite, threads=args.threads,
         )
     _say(format_table(rows, summary))
@@ -532,7 +531,7 @@ def cmd_register_batch(args) -> int:
 
     with StageProgress(disable=args.quiet) as progress:
         rows, summary = register_batch(
-            args.table, args.output, _config(args), device=args.device, seed=args.seed, scheduler=args.scheduler,
+            args.table, args.output, _config(args), device=args.device, scheduler=args.scheduler,
             workers=args.workers, warp=args.warp, tile=args.tile, statuses=args.status, limit=args.limit,
             overwrite=args.overwrite, progress=progress, threads=args.threads,
         )

@@ -27,7 +27,6 @@ Everything else imports from here instead of re-deriving an index order or a nor
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Sequence
 
 import numpy as np
@@ -56,7 +55,6 @@ __all__ = [
     "rc_to_xy",
     "rotation_about",
     "sample_field_at_points",
-    "seed_everything",
     "to_tensor",
     "warp",
     "xy_to_rc",
@@ -84,15 +82,6 @@ def default_device(preferred: str | torch.device | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def seed_everything(seed: int | None) -> None:
-    """Seed python, numpy and torch so that a run with the same seed gives the same result."""
-    if seed is None:
-        return
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def to_tensor(array, device=None, dtype=torch.float32) -> torch.Tensor:

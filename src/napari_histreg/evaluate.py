@@ -242,7 +242,6 @@ def evaluate_table(
     statuses: Iterable[str] | str | None = None,
     config=None,
     device=None,
-    seed: int | None = 0,
     progress: ProgressCallback = None,
     limit: int | None = None,
     *,
@@ -273,7 +272,7 @@ def evaluate_table(
 
     csv_path, pairs = open_table(csv_path, out_dir, statuses, limit, overwrite)
     config = config or RegistrationConfig()
-    pipeline = Pipeline(config, device=default_device(device), seed=seed, threads=threads)  # a bad device fails here, once
+    pipeline = Pipeline(config, device=default_device(device), threads=threads)  # a bad device fails here, once
 
     total = len(pairs)
     rows: list[dict] = []
@@ -282,7 +281,7 @@ def evaluate_table(
         rows.append(evaluate_row(pair, pipeline, progress))
     report(progress, "pair", total, total, "done")
 
-    summary = table_summary(rows, csv_path, statuses, pipeline.device, seed, config)
+    summary = table_summary(rows, csv_path, statuses, pipeline.device, config)
     write_table_outputs(out_dir, rows, summary, overwrite=overwrite, inputs=table_inputs(csv_path, pairs))
     return rows, summary
 
@@ -323,7 +322,7 @@ def evaluate_row(pair: CoverPair, pipeline, progress: ProgressCallback = None) -
     return row
 
 
-def table_summary(rows, csv_path, statuses, device, seed, config, **extra) -> dict:
+def table_summary(rows, csv_path, statuses, device, config, **extra) -> dict:
     """:func:`summarise_by_status` plus the settings of the run."""
     from . import __version__
 
@@ -333,7 +332,6 @@ def table_summary(rows, csv_path, statuses, device, seed, config, **extra) -> di
             "table": str(csv_path),
             "statuses": [s.strip() for s in (statuses.split(",") if isinstance(statuses, str) else statuses or [])],
             "device": str(device),
-            "seed": seed,
             "version": __version__,
             "config": _jsonable(config.to_dict()),
             **extra,

@@ -75,7 +75,6 @@ def register_pair(
     inputs=(),
     config=None,
     device=None,
-    seed=0,
     progress=None,
     names=("source", "target"),
     overwrite=False,
@@ -112,7 +111,7 @@ def register_pair(
         check_output_folder(out, inputs=inputs, overwrite=overwrite)  # before any work
         planned = planned_outputs(source_image.dtype == np.uint8, source_landmarks is not None, landmarks is not None)
 
-    result = register(source_image, target_image, config, device=device, seed=seed, progress=progress, threads=threads,
+    result = register(source_image, target_image, config, device=device, progress=progress, threads=threads,
                       name=f"{names[0]} -> {names[1]}")
     metrics = None
     if landmarks is not None:
@@ -120,7 +119,7 @@ def register_pair(
         metrics.update(
             source=names[0], target=names[1], source_landmarks=source_landmarks.name, target_landmarks=target_landmarks.name,
             landmark_ids=[str(i) for i in landmarks.ids], seconds=result.timings.get("total"), timings=result.timings,
-            device=str(result.info.get("device")), threads=result.info.get("threads"), seed=seed, version=__version__,
+            device=str(result.info.get("device")), threads=result.info.get("threads"), version=__version__,
             confidence_measures=result.confidence.get("measures"),
         )
     if out is not None:

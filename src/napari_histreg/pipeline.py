@@ -42,7 +42,7 @@ import torch
 
 from .config import MASK_METHODS, MODES, RegistrationConfig  # noqa: F401 (re-exported: the pipeline's API)
 from .confidence import describe, judge, measure
-from .conventions import affine_to_field, default_device, seed_everything
+from .conventions import affine_to_field, default_device
 from .io import HistRegInputError, check_image, read_image
 from .progress import ProgressCallback, report
 from .result import RegistrationResult
@@ -187,7 +187,7 @@ def hybrid_nonrigid(source, target, field, config: "RegistrationConfig", device=
 class Pipeline:
     """Stages bound to a configuration and a device; any stage attribute may be replaced."""
 
-    def __init__(self, config: RegistrationConfig | None = None, device=None, seed: int | None = 0, threads=None):
+    def __init__(self, config: RegistrationConfig | None = None, device=None, threads=None):
         self.config = config or RegistrationConfig()
         # torch threads per run: a number, or None / "auto" for napari_histreg.threads.choose_threads
         self.threads = threads
@@ -200,7 +200,6 @@ class Pipeline:
         if c.mask_method not in MASK_METHODS:
             raise ValueError(f"mask_method must be one of {', '.join(map(repr, MASK_METHODS))}, not {c.mask_method!r}")
         self.device = default_device(device)
-        self.seed = seed
         self.preprocess: Callable[..., PreparedPair] = lambda s, t: preprocess_pair(s, t, c.preprocess, self.device)
         self.mask = self._mask_stage() if c.use_mask else None
         self.initial = (
@@ -250,9 +249,8 @@ class Pipeline:
 
     def _run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None,
              name: str | None = None) -> RegistrationResult:
-        seed_everything(self.seed)
         timings: dict[str, float] = {}
-        info: dict = {"device": str(self.device), "mode": self.config.mode, "config": self.config.to_dict(), "seed": self.seed}
+        info: dict = {"device": str(self.device), "mode": self.config.mode, "config": self.config.to_dict()}
 
         def timed(name, fn, *args):
             report(progress, name, 0, 1, "start")
@@ -373,7 +371,6 @@ def register(
     config: RegistrationConfig | None = None,
     *,
     device=None,
-    seed: int | None = 0,
     progress: ProgressCallback = None,
     pipeline: Pipeline | None = None,
     mode: str | None = None,
@@ -404,7 +401,7 @@ def register(
         config = dataclasses.replace(config or RegistrationConfig(), mode=mode)
     if pipeline is not None and threads is not None:
         pipeline = _with_threads(pipeline, threads)
-    pipeline = pipeline or Pipeline(config, device=device, seed=seed, threads=threads)
+    pipeline = pipeline or Pipeline(config, device=device, threads=threads)
     return pipeline.run(source_image, target_image, progress, name=name)
 
 

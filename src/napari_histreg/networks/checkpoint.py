@@ -119,7 +119,10 @@ def load_network(weights, kind: str | None = None, device=None) -> nn.Module:
     checkpoint = read_checkpoint(path)
     if kind is not None and checkpoint["kind"] != kind:
         raise NetworkLoadError(f"{path}: holds the {checkpoint['kind']} network, expected the {kind} network")
-    model = build_network(checkpoint["kind"], checkpoint["config"])
+    # The layers' random initialisation is overwritten by the weights at once: drawn from a forked
+    # generator, so that loading a network leaves the caller's torch random state as it was.
+    with torch.random.fork_rng(devices=[]):
+        model = build_network(checkpoint["kind"], checkpoint["config"])
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:

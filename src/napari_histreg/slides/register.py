@@ -31,7 +31,6 @@ def register_slides(
     config=None,
     *,
     device=None,
-    seed: int | None = 0,
     progress: ProgressCallback = None,
     pipeline=None,
     levels: tuple[int, int] | None = None,
@@ -70,7 +69,7 @@ def register_slides(
         downs[fine] = (slide.shape[0] / shape[0], slide.shape[1] / shape[1])
     src_arr = check_image(arrays[0], f"{source.name} (level {ls})")
     tgt_arr = check_image(arrays[1], f"{target.name} (level {lt})")
-    result = register(src_arr, tgt_arr, config, device=device, seed=seed, progress=progress, pipeline=pipeline,
+    result = register(src_arr, tgt_arr, config, device=device, progress=progress, pipeline=pipeline,
                       threads=threads)
     result.source_frame = frame_to_level0(result.source_frame, source.shape, downs[0])
     result.target_frame = frame_to_level0(result.target_frame, target.shape, downs[1])

@@ -59,12 +59,10 @@ class RegisterWidget(RunWidget):
         self.show_jacobian = CheckBox(value=False, text="Jacobian determinant image")
         self.device = ComboBox(value="auto", choices=list(DEVICES), label="device")
         self.threads = threads_box()
-        self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
         self.advanced = Container(
             widgets=[
                 self.working_size, self.use_initial, self.use_affine, self.use_mask, self.mask_method, self.nonrigid_method,
                 self.iterations, self.regularisation, self.show_magnitude, self.show_jacobian, self.device, self.threads,
-                self.seed,
             ],
             label="",
         )
@@ -95,7 +93,6 @@ class RegisterWidget(RunWidget):
         check_pair(source, target)
         config = self.config()
         device = resolve_device(self.device.value)
-        seed = int(self.seed.value)
         threads = int(self.threads.value) or None
         src, tgt = snapshot(source), snapshot(target)
         points = snapshot(self.source_points.value)
@@ -111,7 +108,7 @@ class RegisterWidget(RunWidget):
 
         def job(progress):
             src_level, tgt_level = image_ref(src), image_ref(tgt)
-            result = register(src_level.data, tgt_level.data, config, device=device, seed=seed, progress=progress,
+            result = register(src_level.data, tgt_level.data, config, device=device, progress=progress,
                               threads=threads)
             result.info["stage"] = "register"
             report(progress, "layers", 0, 1, "warping the source")
