@@ -85,9 +85,30 @@ def test_pixels_to_normalised_align_corners(device, dtype):
     corners = torch.tensor([[0.0, 0.0], [h - 1, w - 1], [(h - 1) / 2, 0.0]], dtype=dtype, device=device)
     xy = cv.pixels_to_normalised(corners, (h, w))
     expected = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device)  # (x, y) order
-    assert cv.ALIGN_CORNERS is True
     torch.testing.assert_close(xy, expected)
     assert xy.device.type == device.type and xy.dtype == dtype
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_pixels_to_normalised_samples_pixel_centres_in_either_convention(align_corners):
+    """Sampling an image at its own pixel coordinates, converted either way, returns the image."""
+    image = torch.arange(5 * 7, dtype=torch.float32).reshape(1, 1, 5, 7)
+    coords = cv.identity_grid((5, 7)).permute(1, 2, 0)  # (H, W, 2) row, col
+    grid = cv.pixels_to_normalised(coords, (5, 7), align_corners=align_corners)[None]
+    torch.testing.assert_close(cv.sample(image, grid, align_corners=align_corners), image)
+
+
+def test_warp_affine_xy_is_the_row_col_affine_after_the_swap():
+    """torch's (x, y) affine convention (the networks') and this module's (row, col) one describe
+    the same backward map once swapped by xy_theta_to_rc."""
+    shape = (24, 32)
+    image = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    matrix_rc = cv.rotation_about(((shape[0] - 1) / 2, (shape[1] - 1) / 2), 9.0, (1.5, -2.0))
+    theta_rc = cv.affine_pixels_to_normalised(matrix_rc, shape)
+    theta_xy = torch.tensor(cv.xy_theta_to_rc(theta_rc), dtype=torch.float32)[None]
+    by_field = cv.warp(image, cv.affine_to_field(matrix_rc, shape))
+    torch.testing.assert_close(cv.warp_affine_xy(image, theta_xy), by_field, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(cv.xy_theta_to_rc(cv.xy_theta_to_rc(theta_rc)), theta_rc)
 
 
 def test_identity_grid(device, dtype):

@@ -117,12 +117,6 @@ def _rigid_angle(target_points, source_points):
     return float(np.rad2deg(np.arctan2(sin, cos)))
 
 
-def test_rigid_angle_helper_sign():
-    m = cv.rotation_about((3.0, 4.0), 25.0, (1.0, 2.0))
-    p = np.random.default_rng(0).uniform(0, 100, (10, 2))
-    assert _rigid_angle(p, _apply(m, p)) == pytest.approx(25.0)
-
-
 # --------------------------------------------------------------------------- preprocessing
 def test_preprocess_common_grid_and_frames(stains):
     source = stains.dab[20:500, 60:470]  # a different size: 480 x 410

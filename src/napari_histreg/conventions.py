@@ -54,9 +54,12 @@ __all__ = [
     "resize_field",
     "rc_to_xy",
     "rotation_about",
+    "sample",
     "sample_field_at_points",
     "to_tensor",
     "warp",
+    "warp_affine_xy",
+    "xy_theta_to_rc",
     "xy_to_rc",
 ]
 
@@ -104,14 +107,46 @@ def rc_to_xy(points_rc) -> np.ndarray:
     return points_rc[:, ::-1].copy()
 
 
-def pixels_to_normalised(coords_rc: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``(..., 2)`` pixel ``(row, col)`` to grid_sample's normalised ``(x, y)``."""
+def pixels_to_normalised(coords_rc: torch.Tensor, shape: Sequence[int], align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
+    """``(..., 2)`` pixel ``(row, col)`` to grid_sample's normalised ``(x, y)``. With
+    ``align_corners=False`` (torch's other convention, used where a network was trained with it)
+    ``-1`` / ``+1`` are the outer edges of the border pixels: ``c -> (2 c + 1) / n - 1``."""
     h, w = shape
     row = coords_rc[..., 0]
     col = coords_rc[..., 1]
-    x = 2.0 * col / max(w - 1, 1) - 1.0
-    y = 2.0 * row / max(h - 1, 1) - 1.0
+    if align_corners:
+        x = 2.0 * col / max(w - 1, 1) - 1.0
+        y = 2.0 * row / max(h - 1, 1) - 1.0
+    else:
+        x = (2.0 * col + 1.0) / w - 1.0
+        y = (2.0 * row + 1.0) / h - 1.0
     return torch.stack((x, y), dim=-1)
+
+
+def sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+           align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
+    """``image`` ``(B, C, H, W)`` at a normalised ``(x, y)`` grid ``(B, h, w, 2)`` (from
+    :func:`pixels_to_normalised`, :func:`field_to_grid` or :func:`normalised_affine_grid`): the
+    one place torch's ``grid_sample`` is called."""
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+
+def warp_affine_xy(image: torch.Tensor, theta_xy: torch.Tensor, shape: Sequence[int] | None = None,
+                   align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
+    """Warp ``image`` ``(B, C, H, W)`` by ``(B, 2, 3)`` backward affines in torch's
+    ``affine_grid`` convention (normalised ``(x, y)``: the networks' and the training's), onto a
+    grid of ``shape`` (default: the image's), zeros outside. :func:`xy_theta_to_rc` converts to
+    this module's ``(row, col)`` convention."""
+    size = [image.shape[0], image.shape[1], *(shape if shape is not None else image.shape[-2:])]
+    grid = F.affine_grid(theta_xy.to(image.dtype), size, align_corners=align_corners)
+    return sample(image, grid, align_corners=align_corners)
+
+
+def xy_theta_to_rc(theta) -> np.ndarray:
+    """A 2x3 affine on ``(x, y)`` = ``(col, row)`` as the same map on ``(row, col)`` (and back:
+    the swap is its own inverse)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    return theta[::-1][:, [1, 0, 2]].copy()
 
 
 # --------------------------------------------------------------------------- grids and warps
@@ -153,19 +188,13 @@ def warp(
         elif field.shape[0] == 1:
             field = field.expand(image.shape[0], -1, -1, -1)
     grid = field_to_grid(field, image.shape[-2:])
-    return F.grid_sample(
-        image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
-        align_corners=ALIGN_CORNERS,
-    )
+    return sample(image, grid, mode=mode, padding_mode=padding_mode)
 
 
 def sample_field_at_points(field: torch.Tensor, points_rc: torch.Tensor) -> torch.Tensor:
     """Bilinear value of a ``(2, H, W)`` field at ``(N, 2)`` points; clamped at the border."""
     grid = pixels_to_normalised(points_rc, field.shape[-2:]).view(1, 1, -1, 2)
-    values = F.grid_sample(
-        field.unsqueeze(0), grid.to(field.dtype), mode="bilinear", padding_mode="border",
-        align_corners=ALIGN_CORNERS,
-    )
+    values = sample(field.unsqueeze(0), grid, padding_mode="border")
     return values[0, :, 0, :].T  # (N, 2)
 
 
@@ -407,9 +436,6 @@ def field_between_frames(
     s_off = torch.tensor(source_frame.offset, device=device)
     q = (p + 0.5) * t_scale - 0.5 + t_off
     grid = pixels_to_normalised(q, working_field.shape[-2:]).unsqueeze(0).to(working_field.dtype)
-    u = F.grid_sample(
-        working_field.reshape(1, 2, *working_field.shape[-2:]), grid, mode="bilinear",
-        padding_mode="border", align_corners=ALIGN_CORNERS,
-    )[0].permute(1, 2, 0)
+    u = sample(working_field.reshape(1, 2, *working_field.shape[-2:]), grid, padding_mode="border")[0].permute(1, 2, 0)
     s = (q + u - s_off + 0.5) / s_scale - 0.5
     return (s - p).permute(2, 0, 1).contiguous()

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .conventions import ALIGN_CORNERS, field_between_frames, pixels_to_normalised, to_tensor
+from .conventions import field_between_frames, pixels_to_normalised, sample, to_tensor
 from .io import HistRegInputError
 from .progress import ProgressCallback
 from .result import RegistrationResult
@@ -163,7 +162,7 @@ def warp_block(
         coords[0] -= br0
         coords[1] -= bc0
         grid = pixels_to_normalised(coords.permute(1, 2, 0), (br1 - br0, bc1 - bc0))[None]
-        sampled = F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=ALIGN_CORNERS)[0]
+        sampled = sample(tensor, grid, mode=mode)[0]
         if cval:
             sampled += cval
         values = sampled.permute(1, 2, 0).numpy()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..conventions import ALIGN_CORNERS
+from ..conventions import warp_affine_xy
 from ..stages.preprocess import gaussian_kernel1d
 from .layers import ConvNormAct, ResidualBlock
 
@@ -301,8 +301,7 @@ class AffineNet(nn.Module):
         fine_t, coarse_t = target_features if target_features is not None else self.features(target)
         _, coarse_s = source_features if source_features is not None else self.features(source)
         theta = self._level(1, coarse_t, coarse_s)
-        grid = F.affine_grid(theta, list(source.shape), align_corners=ALIGN_CORNERS)
-        warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+        warped = warp_affine_xy(source, theta)
         fine_s, _ = self.features(warped)
         return compose_theta(theta, self._level(0, fine_t, fine_s))
 

@@ -11,14 +11,16 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..conventions import (
     ALIGN_CORNERS,
     affine_normalised_to_pixels,
     affine_pixels_to_normalised,
     normalised_affine_grid,
+    sample,
     to_tensor,
+    warp_affine_xy,
+    xy_theta_to_rc,
 )
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
@@ -87,7 +89,7 @@ def optimise_affines(
         for _ in range(iterations):
             optimiser.zero_grad()
             grid = normalised_affine_grid(params, shape)
-            warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+            warped = sample(src, grid)
             if config.overlap_only:  # NCC over the overlap of the two images' content only
                 loss = -ncc(warped[:, :1], tgt, warped[:, 1:].detach() * tgt_inside).sum()
             else:
@@ -126,12 +128,6 @@ def load_affine_network(weights: str = "affine", device=None):
     return cached_network(weights, "affine", device)
 
 
-def _rc_to_xy(theta: np.ndarray) -> np.ndarray:
-    """A 2x3 affine on ``(row, col)`` as the same map on ``(x, y)`` = ``(col, row)`` (and back)."""
-    theta = np.asarray(theta, dtype=np.float64)
-    return theta[::-1][:, [1, 0, 2]].copy()
-
-
 def learned_affine(
     source: np.ndarray,
     target: np.ndarray,
@@ -162,7 +158,7 @@ def learned_affine(
     m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
     # pixel affine on the working grid -> on the centred square (q = p + offset)
     square = np.hstack([m[:, :2], (m[:, :2] @ -offset + m[:, 2] + offset)[:, None]])
-    theta = torch.tensor(_rc_to_xy(affine_pixels_to_normalised(square, (side, side))), dtype=torch.float32, device=device)[None]
+    theta = torch.tensor(xy_theta_to_rc(affine_pixels_to_normalised(square, (side, side))), dtype=torch.float32, device=device)[None]
     passes = max(0, int(config.passes))
     with torch.no_grad():
         src = net.prepare(to_tensor(source, device=device)[None, None])
@@ -170,10 +166,9 @@ def learned_affine(
         tgt_features = net.features(tgt)
         predict = net.predict_symmetric if config.symmetric else net.predict_square
         for k in range(passes):
-            grid = F.affine_grid(theta, list(src.shape), align_corners=ALIGN_CORNERS)
-            warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+            warped = warp_affine_xy(src, theta)
             theta = compose_theta(theta, predict(warped, tgt, tgt_features))
             report(progress, "affine", k + 1, passes, "learned affine")
-    square = affine_normalised_to_pixels(_rc_to_xy(theta[0].double().cpu().numpy()), (side, side))
+    square = affine_normalised_to_pixels(xy_theta_to_rc(theta[0].double().cpu().numpy()), (side, side))
     out = np.hstack([square[:, :2], (square[:, :2] @ offset + square[:, 2] - offset)[:, None]])
     return out

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conventions import ALIGN_CORNERS, affine_to_field, identity_grid, rotation_about, warp
+from ..conventions import sample as sample_grid
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
 from .preprocess import level_shape, resample
@@ -121,11 +122,8 @@ def _score_angles(source, target, angles_deg, center_t, center_s, batch_size, de
         rows = cos * rel[0] - sin * rel[1] + float(center_s[0])
         cols = sin * rel[0] + cos * rel[1] + float(center_s[1])
         # pixels_to_normalised's formula, applied to each component before one stack
-        sample = torch.stack((2.0 * cols / max(w - 1, 1) - 1.0, 2.0 * rows / max(h - 1, 1) - 1.0), dim=-1)
-        warped = F.grid_sample(
-            source.expand(len(chunk), -1, -1, -1), sample, mode="bilinear", padding_mode="zeros",
-            align_corners=ALIGN_CORNERS,
-        )
+        grid = torch.stack((2.0 * cols / max(w - 1, 1) - 1.0, 2.0 * rows / max(h - 1, 1) - 1.0), dim=-1)
+        warped = sample_grid(source.expand(len(chunk), -1, -1, -1), grid)
         scores.append(ncc(warped, target.expand_as(warped)))
         done += len(chunk)
         report(progress, "initial", done, stage_total, "rotation search")
@@ -247,8 +245,7 @@ def _local_scores(source, target, matrices, config, device) -> np.ndarray:
     theta = torch.tensor(np.stack([affine_pixels_to_normalised(m, (h, w)) for m in matrices]), dtype=torch.float32, device=device)
     grid = normalised_affine_grid(theta, shape)
     n = len(matrices)
-    warped = F.grid_sample(torch.cat([src, src_box], dim=1).expand(n, -1, -1, -1), grid, mode="bilinear",
-                           padding_mode="zeros", align_corners=ALIGN_CORNERS)
+    warped = sample_grid(torch.cat([src, src_box], dim=1).expand(n, -1, -1, -1), grid)
     valid = ((warped[:, 1:] > 0.99) & (tgt_box > 0.99)).to(warped.dtype)
     inside = _inner_windows(valid, config.choice_window)
     cc = local_ncc_map(warped[:, :1], tgt.expand(n, -1, -1, -1), config.choice_window)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conventions import ALIGN_CORNERS, to_tensor
+from ..conventions import to_tensor, warp_affine_xy
 from ..io import IMAGE_SUFFIXES, HistRegInputError, read_image
 from ..stages.preprocess import resample, to_grey
 
@@ -241,8 +241,7 @@ def random_smooth_field(rng: np.random.Generator, shape, magnitude: float, contr
 
 def apply_affine(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Warp ``(B, C, H, W)`` by ``(B, 2, 3)`` normalised backward affines (zeros outside)."""
-    grid = F.affine_grid(theta, list(image.shape), align_corners=ALIGN_CORNERS)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+    return warp_affine_xy(image, theta)
 
 
 # --------------------------------------------------------------------------- jitter

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from ..conventions import pixels_to_normalised, sample
 from ..networks.segmentation import TissueUNet
 from ..stages.mask import _disk
 from .data import (
@@ -186,9 +187,10 @@ def augmented_sample(image: SegmentationImage, rng: np.random.Generator, config:
     offsets = np.stack(np.meshgrid(np.arange(size) - (size - 1) / 2, np.arange(size) - (size - 1) / 2, indexing="ij"))
     offsets = offsets + smooth_field(rng, size, rng.uniform(0, config.elastic))
     points = np.einsum("ij,jhw->ihw", linear, offsets) + centre[:, None, None]  # (2, S, S) rows, cols
-    grid = np.stack([(2 * points[1] + 1) / w - 1, (2 * points[0] + 1) / h - 1], axis=-1)  # align_corners=False
-    grid_t = torch.from_numpy(grid.astype(np.float32))[None]
-    warped = F.grid_sample(image.stack, grid_t, mode="bilinear", padding_mode="zeros", align_corners=False)[0].numpy()
+    # align_corners=False: the convention the shipped U-Net's augmentation was trained with
+    grid_t = pixels_to_normalised(torch.from_numpy(np.moveaxis(points, 0, -1).astype(np.float32)), (h, w), align_corners=False)[None]
+    grid = grid_t[0].numpy()
+    warped = sample(image.stack, grid_t, align_corners=False)[0].numpy()
     hed, label = warped[:3].transpose(1, 2, 0), (warped[3] > 0.5).astype(np.float32)
 
     # Stain jitter (Tellez et al.; as data.jitter_stain) on the crop; the min-max of the whole
