@@ -8,6 +8,7 @@ import pytest
 from napari_conftest import display, qapp_cls, viewer  # noqa: F401  (fixtures)
 
 from napari_histreg._napari import layers as L
+from napari_histreg._napari.transform_layers import transform_layer
 from napari_histreg._napari.readers import get_landmarks_reader, get_transform_reader, read_landmarks_csv, read_transform
 from napari_histreg._napari.writers import write_image_mha, write_landmarks_csv
 from napari_histreg.conventions import Frame, affine_to_field, rotation_about
@@ -165,7 +166,7 @@ def test_transform_layer_channel_stack_and_warp_agree():
 
     result = _rigid_result()
     stack = np.random.default_rng(2).random((3, 120, 160)).astype(np.float32)
-    data, kwargs, kind = L.transform_layer(result, Image(stack, name="channels"))
+    data, kwargs, kind = transform_layer(result, Image(stack, name="channels"))
     assert kind == "image" and data.shape == stack.shape and kwargs["name"] == "channels registered"
     np.testing.assert_allclose(data[1], result.warp(stack[1], cval=L.background_value(stack[1])))
     assert len(kwargs["scale"]) == 3

@@ -11,6 +11,7 @@ results into layers. Scripting from the napari console::
     add_layers(viewer, result_to_layers(result, src, target_layer=tgt))
 """
 
-from .layers import add_layers, field_to_vectors, jacobian_determinant, result_to_layers, transform_layer
+from .layers import add_layers, field_to_vectors, jacobian_determinant, result_to_layers
+from .transform_layers import transform_layer
 
 __all__ = ["add_layers", "field_to_vectors", "jacobian_determinant", "result_to_layers", "transform_layer"]

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import Container, FileEdit, Label, PushButton
 
 from ...result import RegistrationResult
-from ..layers import add_layers, snapshot, transform_layer
+from ..layers import add_layers, snapshot
+from ..transform_layers import transform_layer
 from ._base import RunWidget, layer_picker, on_destroyed
 
 if TYPE_CHECKING:
