@@ -177,6 +177,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"histreg: error: {_error_message(err)}", file=sys.stderr)
             return EXIT_FAILED
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

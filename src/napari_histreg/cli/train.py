@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
     import torch
 
     torch.set_num_threads(choose_threads(args.threads))
-    module = importlib.import_module(f".training.{args.kind}", __package__)
+    module = importlib.import_module(f"napari_histreg.training.{args.kind}")
     trainer = getattr(module, f"train_{args.kind}")
     options = dataclasses.replace(module.DEFAULT_OPTIONS, seed=args.seed, resume=args.resume, progress=not args.quiet)
     if args.steps is not None:
