@@ -216,7 +216,7 @@ def test_networks_in_the_widgets(sample_viewer, qtbot):
     pre.mask.value = "tissue U-Net"
     assert run_widget(qtbot, pre) == "done", pre.status
     pair = pre.session.pair
-    assert pre.session.masked == "unet"
+    assert pre.session.mask_method == "unet"
     # the padding around the working sections stays background and the tissue is kept
     assert pair.target[0].max() == 0 and pair.target[:, 0].max() == 0
     assert (pair.target > 0.1).mean() > 0.2

@@ -45,7 +45,7 @@ class Session:
         self.key: PairKey | None = None
         self.pair = None  # stages.preprocess.PreparedPair
         self.preprocess_config = None  # PreprocessConfig used for ``pair``
-        self.masked = False
+        self.mask_method: str | None = None  # the tissue mask ``pair`` was made with: "otsu", "unet" or None
         self.matrix: np.ndarray | None = None  # 2x3 backward affine, working pixels
         self.matrix_stage: str | None = None  # "initial" or "affine"
         self.result: RegistrationResult | None = None
@@ -56,11 +56,11 @@ class Session:
     def has_pair_for(self, source_layer, target_layer) -> bool:
         return self.pair is not None and self.key == PairKey.of(source_layer, target_layer)
 
-    def set_pair(self, key: PairKey, pair, config, masked: bool = False) -> None:
+    def set_pair(self, key: PairKey, pair, config, mask_method: str | None = None) -> None:
         if key != self.key:
             self.matrix = None
             self.matrix_stage = None
-        self.key, self.pair, self.preprocess_config, self.masked = key, pair, config, masked
+        self.key, self.pair, self.preprocess_config, self.mask_method = key, pair, config, mask_method
         self.changed.emit("pair")
 
     def set_matrix(self, matrix, stage: str) -> None:

@@ -48,7 +48,7 @@ def _tissue_mask(image: np.ndarray, method, device) -> np.ndarray:
 
 
 def _prepare_pair(source, target, config: PreprocessConfig, mask, device, progress) -> PreparedPair:
-    """Preprocess (and optionally mask: ``mask`` is False/None, ``"otsu"``/True or ``"unet"``) a
+    """Preprocess (and optionally mask: ``mask`` is None, ``"otsu"`` or ``"unet"``) a
     pair, reporting ``preprocess`` events."""
     report(progress, "preprocess", 0, 1, "working pair")
     pair = preprocess_pair(source, target, config, device)
@@ -122,8 +122,8 @@ class _StageWidget(RunWidget):
         compute it with."""
         key = PairKey.of(source, target)
         if self.session.has_pair_for(source, target):
-            return self.session.pair, key, self.session.preprocess_config, self.session.masked
-        return None, key, self.session.preprocess_config or PreprocessConfig(), False
+            return self.session.pair, key, self.session.preprocess_config, self.session.mask_method
+        return None, key, self.session.preprocess_config or PreprocessConfig(), None
 
     def _store(self, key, pair, pconfig, mask, result, layers, names, matrix=None, stage=None) -> None:
         """Keep a stage's outputs: the pair (when it was made here), the matrix (when given), the
