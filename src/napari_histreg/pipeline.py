@@ -47,11 +47,11 @@ from .io import HistRegInputError, check_image, read_image
 from .progress import ProgressCallback, report
 from .result import RegistrationResult
 from .similarity import warped_ncc
-from .stages.affine import learned_affine, optimise_affine
+from .stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
 from .stages.initial import InitialAlignmentConfig, initial_alignment
-from .stages.learned_nonrigid import learned_nonrigid
+from .stages.learned_nonrigid import LearnedNonrigidConfig, learned_nonrigid
 from .stages.mask import otsu_tissue_mask
-from .stages.nonrigid import dense_nonrigid, patch_nonrigid
+from .stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from .stages.preprocess import PreparedPair, preprocess_pair
 from .stages.segment import unet_tissue_mask
 from .threads import requested_threads, torch_threads
@@ -130,57 +130,59 @@ def _rejected(what: str, proposal_ncc: float, start: str, start_ncc: float, fall
     return True
 
 
-def checked_learned_affine(source, target, matrix, config: "RegistrationConfig", device=None, progress: ProgressCallback = None) -> np.ndarray:
+def checked_learned_affine(source, target, matrix, learned: LearnedAffineConfig, device=None, progress: ProgressCallback = None) -> np.ndarray:
     """``learned`` mode's affine stage: the affine network from ``matrix``, unless its
     result aligns clearly worse than ``matrix`` (:func:`clearly_worse`), which is then kept.
     (On scikit-image's IHC image, all tissue and no glass, unlike the training sections, the
     network lowers NCC from 0.76 to 0.70 and would triple the error of the rotation search.)"""
-    proposal = learned_affine(source, target, matrix, config.learned_affine, device, progress)
+    proposal = learned_affine(source, target, matrix, learned, device, progress)
     if _rejected("the affine network's result", _ncc_of_affine(source, target, proposal, device),
                  "its start", _ncc_of_affine(source, target, matrix, device), "keeping the start"):
         return np.asarray(matrix, dtype=np.float64)
     return proposal
 
 
-def checked_learned_nonrigid(source, target, field, config: "RegistrationConfig", device=None, progress: ProgressCallback = None,
+def checked_learned_nonrigid(source, target, field, learned: LearnedNonrigidConfig, device=None, progress: ProgressCallback = None,
                              fallback: str = "keeping the affine alignment") -> np.ndarray:
     """``learned`` mode's non-rigid stage: the patch-group network from the affine ``field``,
     unless its field aligns clearly worse than ``field`` (:func:`clearly_worse`)."""
-    proposal = learned_nonrigid(source, target, field, config.learned_nonrigid, device, progress)
+    proposal = learned_nonrigid(source, target, field, learned, device, progress)
     if _rejected("the non-rigid network's field", warped_ncc(source, target, proposal, device),
                  "the affine alignment", warped_ncc(source, target, field, device), fallback):
         return field
     return proposal
 
 
-def hybrid_affine(source, target, matrix, config: "RegistrationConfig", device=None, progress: ProgressCallback = None) -> np.ndarray:
-    """``hybrid`` mode's affine stage: the affine network (``config.learned_affine``) from
-    ``matrix``, then a short optimisation (``config.hybrid_affine``). If even refined the
+def hybrid_affine(source, target, matrix, learned: LearnedAffineConfig, refine: AffineConfig, fallback: AffineConfig,
+                  device=None, progress: ProgressCallback = None) -> np.ndarray:
+    """``hybrid`` mode's affine stage: the affine network (``learned``) from ``matrix``, then a
+    short optimisation (``refine``: the pipeline's ``hybrid_affine``). If even refined the
     network's start aligns clearly worse than ``matrix`` (:func:`clearly_worse`: an image unlike
-    the network's training data), the optimise mode's stage (``config.affine``) from ``matrix``
-    instead."""
-    proposal = learned_affine(source, target, matrix, config.learned_affine, device, progress)
-    refined = optimise_affine(source, target, proposal, config.hybrid_affine, device, progress)
+    the network's training data), the optimise mode's stage (``fallback``: the pipeline's
+    ``affine``) from ``matrix`` instead."""
+    proposal = learned_affine(source, target, matrix, learned, device, progress)
+    refined = optimise_affine(source, target, proposal, refine, device, progress)
     if _rejected("the affine network's result, even refined,", _ncc_of_affine(source, target, refined, device),
                  "its start", _ncc_of_affine(source, target, matrix, device), "optimising the affine from the start instead"):
-        return optimise_affine(source, target, matrix, config.affine, device, progress)
+        return optimise_affine(source, target, matrix, fallback, device, progress)
     return refined
 
 
-def hybrid_nonrigid(source, target, field, config: "RegistrationConfig", device=None, progress: ProgressCallback = None) -> np.ndarray:
-    """``hybrid`` mode's non-rigid stage: the patch-group network (``config.learned_nonrigid``)
-    from the affine ``field``, then the optimisation from the network's field: the dense
-    engine (``config.hybrid_dense``), or the patch engine when ``config.nonrigid_method`` is
-    ``"patches"``. A network field clearly worse than ``field`` (:func:`clearly_worse`) is
-    dropped and the optimisation starts from ``field`` alone."""
-    proposal = checked_learned_nonrigid(source, target, field, config, device, progress,
+def hybrid_nonrigid(source, target, field, learned: LearnedNonrigidConfig, refine: DenseConfig | PatchConfig, device=None,
+                    progress: ProgressCallback = None) -> np.ndarray:
+    """``hybrid`` mode's non-rigid stage: the patch-group network (``learned``) from the affine
+    ``field``, then the optimisation from the network's field: the dense engine (``refine`` a
+    :class:`DenseConfig`, the pipeline's ``hybrid_dense``) or the patch engine (a
+    :class:`PatchConfig`). A network field clearly worse than ``field`` (:func:`clearly_worse`)
+    is dropped and the optimisation starts from ``field`` alone."""
+    proposal = checked_learned_nonrigid(source, target, field, learned, device, progress,
                                         fallback="optimising the non-rigid field from the affine alignment alone")
-    if config.nonrigid_method == "patches":
-        return patch_nonrigid(source, target, proposal, None, config.patches, device, progress)
+    if isinstance(refine, PatchConfig):
+        return patch_nonrigid(source, target, proposal, None, refine, device, progress)
     # The network's part starts the optimised residual rather than being frozen into the
     # fixed initial field: regularised with the rest, it can be smoothed or undone where the
     # network was wrong.
-    return dense_nonrigid(source, target, field, config.hybrid_dense, device, progress,
+    return dense_nonrigid(source, target, field, refine, device, progress,
                           initial_residual=np.asarray(proposal) - np.asarray(field))
 
 
@@ -221,8 +223,8 @@ class Pipeline:
         if c.mode == "optimise":
             return lambda s, t, m, progress=None: optimise_affine(s, t, m, c.affine, device, progress)
         if c.mode == "hybrid":
-            return lambda s, t, m, progress=None: hybrid_affine(s, t, m, c, device, progress)
-        return lambda s, t, m, progress=None: checked_learned_affine(s, t, m, c, device, progress)
+            return lambda s, t, m, progress=None: hybrid_affine(s, t, m, c.learned_affine, c.hybrid_affine, c.affine, device, progress)
+        return lambda s, t, m, progress=None: checked_learned_affine(s, t, m, c.learned_affine, device, progress)
 
     def _nonrigid_stage(self):
         c, device = self.config, self.device
@@ -235,8 +237,9 @@ class Pipeline:
         if c.mode == "optimise":
             return optimised
         if c.mode == "hybrid":
-            return lambda s, t, f, progress=None: hybrid_nonrigid(s, t, f, c, device, progress)
-        return lambda s, t, f, progress=None: checked_learned_nonrigid(s, t, f, c, device, progress)
+            refine = c.patches if c.nonrigid_method == "patches" else c.hybrid_dense
+            return lambda s, t, f, progress=None: hybrid_nonrigid(s, t, f, c.learned_nonrigid, refine, device, progress)
+        return lambda s, t, f, progress=None: checked_learned_nonrigid(s, t, f, c.learned_nonrigid, device, progress)
 
     def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None,
             name: str | None = None) -> RegistrationResult:

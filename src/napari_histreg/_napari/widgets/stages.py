@@ -22,6 +22,7 @@ from ...progress import report
 from ...result import RegistrationResult
 from ...stages.affine import AffineConfig, optimise_affine
 from ...stages.initial import InitialAlignmentConfig, initial_alignment
+from ...stages.learned_nonrigid import LearnedNonrigidConfig
 from ...stages.mask import otsu_tissue_mask
 from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
 from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
@@ -262,9 +263,10 @@ class AffineWidget(_StageWidget):
             if method == "optimise":
                 matrix = optimise_affine(p.source, p.target, start, settings.affine, device, progress)
             elif method == "network":
-                matrix = checked_learned_affine(p.source, p.target, start, settings, device, progress)
+                matrix = checked_learned_affine(p.source, p.target, start, settings.learned_affine, device, progress)
             else:
-                matrix = hybrid_affine(p.source, p.target, start, settings, device, progress)
+                matrix = hybrid_affine(p.source, p.target, start, settings.learned_affine, settings.hybrid_affine, settings.affine,
+                                       device, progress)
             result = _affine_result(p, matrix, "affine")
             report(progress, "layers", 0, 1, "warping the source")
             layers = result_to_layers(result, src_level, target_layer=tgt_level, **shown)
@@ -320,9 +322,9 @@ class NonrigidWidget(_StageWidget):
             src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
             start = affine_to_field(matrix, p.target.shape)[0].numpy()
             if method == "network":  # exactly the pipeline's learned non-rigid stage
-                field = checked_learned_nonrigid(p.source, p.target, start, RegistrationConfig(), device, progress)
+                field = checked_learned_nonrigid(p.source, p.target, start, LearnedNonrigidConfig(), device, progress)
             elif method == "network + dense":  # exactly the pipeline's hybrid non-rigid stage
-                field = hybrid_nonrigid(p.source, p.target, start, RegistrationConfig(hybrid_dense=dense), device, progress)
+                field = hybrid_nonrigid(p.source, p.target, start, LearnedNonrigidConfig(), dense, device, progress)
             elif method == "dense":
                 field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
             else:
