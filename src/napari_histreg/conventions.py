@@ -351,18 +351,23 @@ def normalised_affine_grid(matrix: torch.Tensor, shape: Sequence[int]) -> torch.
 
 
 # --------------------------------------------------------------------------- resolution
-def resize_field(field: torch.Tensor, shape: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """Resample a pixel field ``(B, 2, h, w)`` to ``shape`` and rescale its displacements.
+def resize_field(field: torch.Tensor, shape: Sequence[int], mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
+    """Resample a pixel field ``(B, 2, h, w)`` to ``shape`` and rescale its displacements, so the
+    field still means the same geometric displacement on the new grid.
 
-    Uses the pixel-centre alignment of :class:`Frame`, so the field still means the same
-    geometric displacement on the new grid.
+    ``align_corners=False``: the pixel-centre alignment of :class:`Frame` (working grids of one
+    image at two resolutions); ``True``: end-point alignment (``ALIGN_CORNERS``), how the
+    pyramid levels of the non-rigid engines are resampled (:func:`~napari_histreg.stages.preprocess.resample`).
     """
     h, w = field.shape[-2:]
     new_h, new_w = shape
     if (h, w) == (new_h, new_w):
         return field
-    resized = F.interpolate(field, size=(new_h, new_w), mode=mode, align_corners=False)
-    scale = torch.tensor([new_h / h, new_w / w], device=field.device, dtype=field.dtype)
+    resized = F.interpolate(field, size=(new_h, new_w), mode=mode, align_corners=align_corners)
+    if align_corners:
+        scale = torch.tensor([(new_h - 1) / max(h - 1, 1), (new_w - 1) / max(w - 1, 1)], device=field.device, dtype=field.dtype)
+    else:
+        scale = torch.tensor([new_h / h, new_w / w], device=field.device, dtype=field.dtype)
     return resized * scale.view(1, 2, 1, 1)
 
 

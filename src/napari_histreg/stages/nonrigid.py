@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conventions import ALIGN_CORNERS, compose, to_tensor, warp
+from ..conventions import ALIGN_CORNERS, compose, resize_field, to_tensor, warp
 from ..progress import ProgressCallback, report
 from ..similarity import curvature, diffusion, local_ncc, local_ncc_fast
 from .preprocess import level_shape as _level_shape
@@ -31,16 +31,8 @@ from .preprocess import resample
 
 
 def _rescale_field(field: torch.Tensor, shape) -> torch.Tensor:
-    """Resize a pixel field between pyramid levels with end-point alignment (``ALIGN_CORNERS``),
-    which is how the levels' images are resampled here."""
-    h, w = field.shape[-2:]
-    if (h, w) == tuple(shape):
-        return field
-    out = F.interpolate(field, size=tuple(shape), mode="bilinear", align_corners=ALIGN_CORNERS)
-    factor = torch.tensor(
-        [(shape[0] - 1) / max(h - 1, 1), (shape[1] - 1) / max(w - 1, 1)], device=field.device, dtype=field.dtype
-    )
-    return out * factor.view(1, 2, 1, 1)
+    """A pixel field resized between pyramid levels, end-point aligned as the levels' images are."""
+    return resize_field(field, tuple(shape), align_corners=ALIGN_CORNERS)
 
 
 # --------------------------------------------------------------------------- dense engine
