@@ -171,9 +171,7 @@ class LoadedPair:
     target_name: str
     source: np.ndarray
     target: np.ndarray
-    ids: list
-    source_points: np.ndarray
-    target_points: np.ndarray
+    landmarks: object  # napari_histreg.scoring.LandmarkPair: the pair's landmarks, paired by id
 
 
 VALIDATION = "validation"  # the pseudo-status of benchmarks/validation.py's landmark-free pairs
@@ -184,6 +182,7 @@ def validation_pairs(table: Path, variants: str, warps: int, size: int, seed: in
     cover table, each variant, known warps) as :class:`LoadedPair` records whose "landmarks" are
     the known grid points, so the same scoring serves both benchmarks."""
     import validation  # beside this script
+    from napari_histreg.scoring import LandmarkPair
 
     chosen = validation.VARIANTS if variants == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
     unknown = [v for v in chosen if v not in validation.VARIANTS]
@@ -191,7 +190,7 @@ def validation_pairs(table: Path, variants: str, warps: int, size: int, seed: in
         raise ValueError(f"--validation-variants: unknown {unknown}; choose from {list(validation.VARIANTS)}")
     made = validation.make_variant_pairs(validation.table_images(table, size), chosen, warps, seed)
     return [LoadedPair(k, p["name"], VALIDATION, p["name"], p["name"], p["source"], p["target"],
-                       list(range(len(p["source_rc"]))), np.asarray(p["source_rc"], float), np.asarray(p["target_rc"], float))
+                       LandmarkPair.from_points(p["source_rc"], p["target_rc"], p["target"].shape))
             for k, p in enumerate(made)]
 
 
@@ -206,8 +205,7 @@ def load_pair(index: int, pair) -> LoadedPair:
             raise HistRegInputError(f"cover table line {pair.row}: no {label!r} given")
     source, target = read_image(pair.path(pair.source)), read_image(pair.path(pair.target))
     landmarks = LandmarkPair.read(pair.path(pair.source_landmarks), pair.path(pair.target_landmarks), target.shape, source.shape)
-    return LoadedPair(index, pair_label(pair), pair.status, pair.source, pair.target, source, target,
-                      list(landmarks.ids), landmarks.source_rc, landmarks.target_rc)
+    return LoadedPair(index, pair_label(pair), pair.status, pair.source, pair.target, source, target, landmarks)
 
 
 # --------------------------------------------------------------------------- runners
@@ -291,7 +289,7 @@ def warm_up(runners: list[Runner], pair: LoadedPair) -> None:
 def run_one(runner: Runner, pair: LoadedPair) -> tuple[dict, dict, np.ndarray | None, object]:
     """Register and score one pair; returns (row, stage seconds, rTRE per landmark, result)."""
     from napari_histreg.metrics import rtre
-    from napari_histreg.scoring import LandmarkPair, result_columns, score_mapped
+    from napari_histreg.scoring import result_columns, score_mapped
 
     row = {c: None for c in ROW_COLUMNS}
     row.update(status=pair.status, pair=pair.label, source=pair.source_name, target=pair.target_name,
@@ -303,18 +301,18 @@ def run_one(runner: Runner, pair: LoadedPair) -> tuple[dict, dict, np.ndarray | 
     try:
         result = runner.run(pair.source, pair.target)
         mark = time.perf_counter()
-        mapped = result.map_source_points(pair.source_points)
+        landmarks = pair.landmarks
+        mapped = result.map_source_points(landmarks.source_rc)
         _sync(runner.device)
         end = time.perf_counter()
-        landmarks = LandmarkPair.from_points(pair.source_points, pair.target_points, pair.target.shape)
         row.update(score_mapped(mapped, landmarks), **result_columns(result), seconds=end - start)
-        errors = rtre(mapped, pair.target_points, pair.target.shape[:2])
+        errors = rtre(mapped, landmarks.target_rc, landmarks.target_shape)
         stages = {k: float(v) for k, v in result.timings.items() if k != "total"}
         stages["landmarks"] = end - mark
         stages["other"] = max(0.0, (end - start) - sum(stages.values()))
         if runner.method.kind == "elastix":  # the direction check, for free: T applied the wrong way
-            wrong = elastix_peer.wrong_direction_points(result, pair.source_points)
-            row["wrong_direction_MrTRE"] = float(np.median(rtre(wrong, pair.target_points, pair.target.shape[:2])))
+            wrong = elastix_peer.wrong_direction_points(result, landmarks.source_rc)
+            row["wrong_direction_MrTRE"] = float(np.median(rtre(wrong, landmarks.target_rc, landmarks.target_shape)))
     except Exception as err:  # recorded; the run goes on
         text = " ".join(str(err).split()) or type(err).__name__
         row["error"] = f"{type(err).__name__}: {text}"[:300]
@@ -738,8 +736,8 @@ def _main(args) -> int:
                                    "device": runner.device, "stage": stage, "seconds": seconds})
             if errors is not None:
                 if before is None:
-                    before = rtre(pair.source_points, pair.target_points, pair.target.shape[:2])
-                for lid, value, initial in zip(pair.ids, errors, before):
+                    before = rtre(pair.landmarks.source_rc, pair.landmarks.target_rc, pair.landmarks.target_shape)
+                for lid, value, initial in zip(pair.landmarks.ids, errors, before):
                     landmark_rows.append({"status": pair.status, "pair": pair.label, "method": runner.label,
                                           "device": runner.device, "landmark": lid, "rTRE": float(value),
                                           "initial_rTRE": float(initial)})

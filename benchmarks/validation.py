@@ -64,10 +64,10 @@ def known_field(rng: np.random.Generator, shape, rotation=20.0, scale=0.1, shear
     degrees, the rest relative) plus a smooth field whose largest displacement is ``elastic``
     times the longer side."""
     from napari_histreg.conventions import affine_to_field, affine_normalised_to_pixels
-    from napari_histreg.conventions import xy_theta_to_rc  # the same swap both ways
+    from napari_histreg.conventions import swap_theta_axes  # the same swap both ways
     from napari_histreg.training.data import random_affine, random_smooth_field
 
-    theta_rc = xy_theta_to_rc(random_affine(rng, rotation, scale, shear, translation))
+    theta_rc = swap_theta_axes(random_affine(rng, rotation, scale, shear, translation))
     matrix = affine_normalised_to_pixels(theta_rc, shape)
     field = affine_to_field(matrix, shape)[0].numpy()
     return field + random_smooth_field(rng, shape, elastic * max(shape))

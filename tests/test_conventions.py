@@ -100,15 +100,15 @@ def test_pixels_to_normalised_samples_pixel_centres_in_either_convention(align_c
 
 def test_warp_affine_xy_is_the_row_col_affine_after_the_swap():
     """torch's (x, y) affine convention (the networks') and this module's (row, col) one describe
-    the same backward map once swapped by xy_theta_to_rc."""
+    the same backward map once swapped by swap_theta_axes."""
     shape = (24, 32)
     image = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
     matrix_rc = cv.rotation_about(((shape[0] - 1) / 2, (shape[1] - 1) / 2), 9.0, (1.5, -2.0))
     theta_rc = cv.affine_pixels_to_normalised(matrix_rc, shape)
-    theta_xy = torch.tensor(cv.xy_theta_to_rc(theta_rc), dtype=torch.float32)[None]
+    theta_xy = torch.tensor(cv.swap_theta_axes(theta_rc), dtype=torch.float32)[None]
     by_field = cv.warp(image, cv.affine_to_field(matrix_rc, shape))
     torch.testing.assert_close(cv.warp_affine_xy(image, theta_xy), by_field, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(cv.xy_theta_to_rc(cv.xy_theta_to_rc(theta_rc)), theta_rc)
+    np.testing.assert_array_equal(cv.swap_theta_axes(cv.swap_theta_axes(theta_rc)), theta_rc)
 
 
 def test_identity_grid(device, dtype):

@@ -2,7 +2,7 @@
 
 * :func:`evaluate_table_distributed` is :func:`napari_histreg.evaluate.evaluate_table` with the
   pairs spread over dask workers: the same rows (each pair is registered by the same per-pair
-  function, :func:`napari_histreg.evaluate.evaluate_pair`, ), the same summary
+  function, :func:`napari_histreg.evaluate.evaluate_pair`), the same summary
   (plus a ``cluster`` entry), the same ``pairs.csv`` / ``summary.json``.
 * :func:`register_batch` registers every pair of a CSV (``Source image``, ``Target image``,
   optional ``Source landmarks``, ``Target landmarks``, ``status``; paths relative to the CSV),

@@ -71,6 +71,16 @@ class RegistrationConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self) -> "RegistrationConfig":
+        """``self``, or an input error naming a choice (mode, non-rigid method, mask method) that
+        is not one of the known ones."""
+        for name, value, choices in (("mode", self.mode, MODES), ("nonrigid_method", self.nonrigid_method, NONRIGID_METHODS),
+                                     ("mask_method", self.mask_method, MASK_METHODS)):
+            if value not in choices:
+                raise HistRegInputError(f"unknown {name.replace('_', ' ')} {value!r}: {name} must be one of "
+                                        f"{', '.join(map(repr, choices))}")
+        return self
+
     @classmethod
     def from_dict(cls, settings: dict, name: str = "config") -> "RegistrationConfig":
         """The defaults with ``settings`` (a nested dict, as :meth:`to_dict` writes) applied."""
@@ -138,16 +148,13 @@ def build_config(
     """A new :class:`RegistrationConfig`: ``base`` (default: the defaults), then the settings of
     ``config_file``, then ``overrides``, then each named knob that is not None. ``mask``:
     ``"none"`` or a :data:`MASK_METHODS` name; ``iterations_factor`` scales every optimisation's
-    iterations; ``regularisation`` sets both dense optimisations' weight."""
+    iterations; ``regularisation`` sets both dense optimisations' weight. The result is
+    :meth:`~RegistrationConfig.check` ed."""
     config = copy.deepcopy(base) if base is not None else RegistrationConfig()
     if config_file is not None:
         apply_overrides(config, read_config_file(config_file), str(config_file))
     if overrides:
         apply_overrides(config, copy.deepcopy(overrides))
-    for value, choices, what in ((mode, MODES, "mode"), (nonrigid_method, NONRIGID_METHODS, "non-rigid method"),
-                                 (mask, ("none",) + MASK_METHODS, "mask")):
-        if value is not None and value not in choices:
-            raise HistRegInputError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
     if mode is not None:
         config.mode = mode
     if nonrigid_method is not None:
@@ -169,4 +176,4 @@ def build_config(
     if regularisation is not None:
         config.dense = dataclasses.replace(config.dense, regularisation=float(regularisation))
         config.hybrid_dense = dataclasses.replace(config.hybrid_dense, regularisation=float(regularisation))
-    return config
+    return config.check()

@@ -59,7 +59,7 @@ __all__ = [
     "to_tensor",
     "warp",
     "warp_affine_xy",
-    "xy_theta_to_rc",
+    "swap_theta_axes",
     "xy_to_rc",
 ]
 
@@ -131,20 +131,17 @@ def sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padd
     return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
-def warp_affine_xy(image: torch.Tensor, theta_xy: torch.Tensor, shape: Sequence[int] | None = None,
-                   align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
+def warp_affine_xy(image: torch.Tensor, theta_xy: torch.Tensor) -> torch.Tensor:
     """Warp ``image`` ``(B, C, H, W)`` by ``(B, 2, 3)`` backward affines in torch's
-    ``affine_grid`` convention (normalised ``(x, y)``: the networks' and the training's), onto a
-    grid of ``shape`` (default: the image's), zeros outside. :func:`xy_theta_to_rc` converts to
-    this module's ``(row, col)`` convention."""
-    size = [image.shape[0], image.shape[1], *(shape if shape is not None else image.shape[-2:])]
-    grid = F.affine_grid(theta_xy.to(image.dtype), size, align_corners=align_corners)
-    return sample(image, grid, align_corners=align_corners)
+    ``affine_grid`` convention (normalised ``(x, y)``: the networks' and the training's), zeros
+    outside. :func:`swap_theta_axes` converts from and to this module's ``(row, col)`` one."""
+    grid = F.affine_grid(theta_xy.to(image.dtype), list(image.shape), align_corners=ALIGN_CORNERS)
+    return sample(image, grid)
 
 
-def xy_theta_to_rc(theta) -> np.ndarray:
-    """A 2x3 affine on ``(x, y)`` = ``(col, row)`` as the same map on ``(row, col)`` (and back:
-    the swap is its own inverse)."""
+def swap_theta_axes(theta) -> np.ndarray:
+    """A 2x3 affine on ``(x, y)`` = ``(col, row)`` as the same map on ``(row, col)``, or the
+    other way round: the swap is its own inverse."""
     theta = np.asarray(theta, dtype=np.float64)
     return theta[::-1][:, [1, 0, 2]].copy()
 

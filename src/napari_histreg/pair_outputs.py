@@ -17,7 +17,7 @@ import numpy as np
 
 from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
 from .outputs import check_output_folder, staged_outputs
-from .scoring import LandmarkPair, Landmarks, score
+from .scoring import LandmarkPair, Landmarks, finite_points, score
 
 OUTPUT_NAMES = {
     "warped_png": "warped_source.png",
@@ -29,12 +29,14 @@ OUTPUT_NAMES = {
 }
 
 
-def planned_outputs(eight_bit: bool, source_landmarks: bool, metrics: bool, images: bool = True) -> list[str]:
-    """The file names a pair's folder will hold."""
-    names = [OUTPUT_NAMES["warped_png" if eight_bit else "warped_tif"]] if images else []
-    names += ["transform.mha", "transform.json"]
-    if images:
-        names.append(OUTPUT_NAMES["overlay"])
+def warped_name(dtype) -> str:
+    """The warped source's file name: PNG for 8-bit images, TIFF otherwise (no rounding)."""
+    return OUTPUT_NAMES["warped_png" if np.dtype(dtype) == np.uint8 else "warped_tif"]
+
+
+def planned_outputs(dtype, source_landmarks: bool, metrics: bool) -> list[str]:
+    """The file names the folder of a pair whose source has ``dtype`` will hold."""
+    names = [warped_name(dtype), "transform.mha", "transform.json", OUTPUT_NAMES["overlay"]]
     if source_landmarks:
         names.append(OUTPUT_NAMES["landmarks"])
     if metrics:
@@ -49,13 +51,10 @@ def write_pair_outputs(stage: Path, result, *, source_image=None, target_image=N
     stage = Path(stage)
     if source_image is not None:
         warped = result.warp(source_image)
-        name = OUTPUT_NAMES["warped_png" if source_image.dtype == np.uint8 else "warped_tif"]
-        write_image(stage / name, warped)
+        write_image(stage / warped_name(source_image.dtype), warped)
     result.save(stage / OUTPUT_NAMES["transform"])
     if source_landmarks is not None:
-        mapped = np.asarray(result.map_source_points(source_landmarks.points))
-        if not np.isfinite(mapped).all():
-            raise ValueError(f"{source_landmarks.name}: mapped landmarks are not finite (the transform is broken)")
+        mapped = finite_points(result.map_source_points(source_landmarks.points), source_landmarks.name)
         write_landmarks(stage / OUTPUT_NAMES["landmarks"], source_landmarks.ids, mapped)
     if metrics is not None:
         atomic_write_json(stage / OUTPUT_NAMES["metrics"], metrics)
@@ -109,7 +108,7 @@ def register_pair(
     if out is not None:
         out = Path(out)
         check_output_folder(out, inputs=inputs, overwrite=overwrite)  # before any work
-        planned = planned_outputs(source_image.dtype == np.uint8, source_landmarks is not None, landmarks is not None)
+        planned = planned_outputs(source_image.dtype, source_landmarks is not None, landmarks is not None)
 
     result = register(source_image, target_image, config, device=device, progress=progress, threads=threads,
                       name=f"{names[0]} -> {names[1]}")

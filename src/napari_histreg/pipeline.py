@@ -194,13 +194,7 @@ class Pipeline:
         # torch threads per run: a number, or None / "auto" for napari_histreg.threads.choose_threads
         self.threads = threads
         requested_threads(threads)  # a bad value fails here, once
-        c = self.config
-        if c.nonrigid_method not in ("dense", "patches", "none"):
-            raise ValueError(f"nonrigid_method must be 'dense', 'patches' or 'none', not {c.nonrigid_method!r}")
-        if c.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {c.mode!r}")
-        if c.mask_method not in MASK_METHODS:
-            raise ValueError(f"mask_method must be one of {', '.join(map(repr, MASK_METHODS))}, not {c.mask_method!r}")
+        c = self.config.check()
         self.device = default_device(device)
         self.preprocess: Callable[..., PreparedPair] = lambda s, t: preprocess_pair(s, t, c.preprocess, self.device)
         self.mask = self._mask_stage() if c.use_mask else None

@@ -115,13 +115,19 @@ def result_columns(result) -> dict:
             "initial_choice": info.get("initial", {}).get("chosen")}
 
 
-def score_mapped(mapped_rc, pair: LandmarkPair) -> dict:
-    """:data:`METRIC_COLUMNS` of source landmarks already mapped into the target frame; a
-    non-finite mapping is an error (the transform is broken), never a number."""
+def finite_points(mapped_rc, name: str = "") -> np.ndarray:
+    """Mapped landmarks as float64, or an error: a non-finite mapping means a broken transform,
+    never a number. ``name`` (the landmark file) prefixes the message."""
     mapped_rc = np.asarray(mapped_rc, dtype=np.float64)
     if not np.isfinite(mapped_rc).all():
-        raise ValueError("mapped landmarks are not finite (the transform is broken)")
-    return pair_metrics(pair.source_rc, mapped_rc, pair.target_rc, pair.target_shape)
+        raise ValueError(f"{name + ': ' if name else ''}mapped landmarks are not finite (the transform is broken)")
+    return mapped_rc
+
+
+def score_mapped(mapped_rc, pair: LandmarkPair) -> dict:
+    """:data:`METRIC_COLUMNS` of source landmarks already mapped into the target frame
+    (:func:`finite_points`)."""
+    return pair_metrics(pair.source_rc, finite_points(mapped_rc), pair.target_rc, pair.target_shape)
 
 
 def score(result, pair: LandmarkPair) -> dict:

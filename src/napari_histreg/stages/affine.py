@@ -20,7 +20,7 @@ from ..conventions import (
     sample,
     to_tensor,
     warp_affine_xy,
-    xy_theta_to_rc,
+    swap_theta_axes,
 )
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
@@ -158,7 +158,7 @@ def learned_affine(
     m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
     # pixel affine on the working grid -> on the centred square (q = p + offset)
     square = np.hstack([m[:, :2], (m[:, :2] @ -offset + m[:, 2] + offset)[:, None]])
-    theta = torch.tensor(xy_theta_to_rc(affine_pixels_to_normalised(square, (side, side))), dtype=torch.float32, device=device)[None]
+    theta = torch.tensor(swap_theta_axes(affine_pixels_to_normalised(square, (side, side))), dtype=torch.float32, device=device)[None]
     passes = max(0, int(config.passes))
     with torch.no_grad():
         src = net.prepare(to_tensor(source, device=device)[None, None])
@@ -169,6 +169,6 @@ def learned_affine(
             warped = warp_affine_xy(src, theta)
             theta = compose_theta(theta, predict(warped, tgt, tgt_features))
             report(progress, "affine", k + 1, passes, "learned affine")
-    square = affine_normalised_to_pixels(xy_theta_to_rc(theta[0].double().cpu().numpy()), (side, side))
+    square = affine_normalised_to_pixels(swap_theta_axes(theta[0].double().cpu().numpy()), (side, side))
     out = np.hstack([square[:, :2], (square[:, :2] @ offset + square[:, 2] - offset)[:, None]])
     return out

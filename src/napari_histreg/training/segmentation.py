@@ -188,7 +188,7 @@ def augmented_sample(image: SegmentationImage, rng: np.random.Generator, config:
     offsets = offsets + smooth_field(rng, size, rng.uniform(0, config.elastic))
     points = np.einsum("ij,jhw->ihw", linear, offsets) + centre[:, None, None]  # (2, S, S) rows, cols
     # align_corners=False: the convention the shipped U-Net's augmentation was trained with
-    grid_t = pixels_to_normalised(torch.from_numpy(np.moveaxis(points, 0, -1).astype(np.float32)), (h, w), align_corners=False)[None]
+    grid_t = pixels_to_normalised(torch.from_numpy(np.moveaxis(points, 0, -1)), (h, w), align_corners=False)[None]  # float64, cast once by sample
     grid = grid_t[0].numpy()
     warped = sample(image.stack, grid_t, align_corners=False)[0].numpy()
     hed, label = warped[:3].transpose(1, 2, 0), (warped[3] > 0.5).astype(np.float32)
