@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from scipy import ndimage
 from skimage.io import imsave
 
 from napari_histreg import register
-from napari_histreg.cli import main
+from console import histreg
 from napari_histreg.io import HistRegInputError, write_landmarks
 from napari_histreg.pipeline import RegistrationConfig
 
@@ -74,7 +73,7 @@ def pair(tmp_path):
 
 
 def run_cli(args, capsys):
-    code = main([str(a) for a in args])
+    code = histreg([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -298,7 +297,7 @@ def test_cli_bad_config_and_options(pair, tmp_path, capsys):
     assert_input_error(code, err, "bad.json", "not a JSON configuration")
     for bad in (["--method", "magic"], ["--working-size", "10"], ["--device", "tpu"]):
         with pytest.raises(SystemExit) as info:
-            main(["register", str(pair / "source.png"), str(pair / "target.png"), "-o", str(tmp_path / "out"), *bad])
+            histreg(["register", str(pair / "source.png"), str(pair / "target.png"), "-o", str(tmp_path / "out"), *bad])
         assert info.value.code == 2
     capsys.readouterr()
     assert not (tmp_path / "out").exists()

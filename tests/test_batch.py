@@ -20,7 +20,7 @@ pytest.importorskip("distributed")
 
 from napari_histreg import RegistrationConfig  # noqa: E402
 from napari_histreg.batch import evaluate_table_distributed, read_batch_table, register_batch  # noqa: E402
-from napari_histreg.cli import main  # noqa: E402
+from console import histreg  # noqa: E402
 from napari_histreg.evaluate import PAIR_COLUMNS, evaluate_table  # noqa: E402
 from napari_histreg.io import HistRegInputError, read_landmarks, write_landmarks  # noqa: E402
 from napari_histreg.result import RegistrationResult  # noqa: E402
@@ -161,12 +161,12 @@ def test_register_batch_on_scheduler_and_cli(table, tmp_path, scheduler_address,
     config.write_text(json.dumps(FAST))
     args = ["register-batch", str(table), "-o", str(tmp_path / "batch"), "--scheduler", scheduler_address,
             "--config", str(config), "--device", "cpu", "-q"]
-    assert main(args) == 2
+    assert histreg(args) == 2
     assert "overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite", "--limit", "2"]) == 0
+    assert histreg(args + ["--overwrite", "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "2 of 2 pairs registered, 0 failed, on 1 dask workers" in out
-    assert main(["evaluate", str(table), "-o", str(tmp_path / "ev"), "--scheduler", scheduler_address, "--config",
+    assert histreg(["evaluate", str(table), "-o", str(tmp_path / "ev"), "--scheduler", scheduler_address, "--config",
                  str(config), "--device", "cpu", "--status", "synthetic", "-q"]) == 0
     assert "ran on 1 dask workers" in capsys.readouterr().out
     assert (tmp_path / "ev" / "pairs.csv").exists() and (tmp_path / "ev" / "summary.json").exists()

@@ -11,9 +11,9 @@ import pytest
 from skimage.io import imread, imsave
 
 from napari_histreg import RegistrationResult
-from napari_histreg.cli import build_parser, main
-from napari_histreg.evaluate import PAIR_COLUMNS, evaluate_table
-from napari_histreg.io import read_image, read_landmarks, write_mha
+from console import histreg
+from napari_histreg.evaluate import PAIR_COLUMNS
+from napari_histreg.io import read_image, read_landmarks
 
 # Stages cut to a few iterations: for tests of the plumbing, not of accuracy.
 FAST = {
@@ -42,7 +42,7 @@ def fast_json(tmp_path_factory):
 
 
 def run_cli(args, capsys):
-    code = main([str(a) for a in args])
+    code = histreg([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -60,7 +60,7 @@ def kidney_run(shared_data, tmp_path_factory):
         "--source-landmarks", d / f"{KIDNEY_SOURCE}.csv", "--target-landmarks", d / f"{KIDNEY_TARGET}.csv",
         "--working-size", "256", "--config", config, "-q",
     ]
-    code = main([str(a) for a in args])
+    code = histreg([str(a) for a in args])
     return code, out, d
 
 
@@ -120,24 +120,8 @@ def test_register_16bit_grey_writes_tiff_and_only_source_landmarks(tmp_path, fas
 
 
 # --------------------------------------------------------------------------- evaluate
-def _cover_table(shared_data, path):
-    d = shared_data
-    rows = [
-        ("Source image", "Source landmarks", "Target image", "Target landmarks", "status"),
-        (d / KIDNEY / f"{KIDNEY_SOURCE}.jpg", d / KIDNEY / f"{KIDNEY_SOURCE}.csv", d / KIDNEY / f"{KIDNEY_TARGET}.jpg",
-         d / KIDNEY / f"{KIDNEY_TARGET}.csv", "training"),
-        (d / "synthetic" / "artificial_moving-affine.jpg", d / "synthetic" / "artificial_moving-affine.csv",
-         d / "synthetic" / "artificial_reference.jpg", d / "synthetic" / "artificial_reference.csv", "synthetic"),
-        ("missing/moving.jpg", "missing/moving.csv", d / "synthetic" / "artificial_reference.jpg",
-         d / "synthetic" / "artificial_reference.csv", "synthetic"),
-    ]
-    with open(path, "w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    return path
-
-
-def test_evaluate_records_failures_and_goes_on(shared_data, tmp_path, fast_json, capsys):
-    table = _cover_table(shared_data, tmp_path / "cover.csv")
+def test_evaluate_records_failures_and_goes_on(cover_table, tmp_path, fast_json, capsys):
+    table = cover_table
     out = tmp_path / "results"
     code, stdout, err = run_cli(
         ["evaluate", table, "-o", out, "--config", fast_json, "--working-size", "128", "--method", "none"], capsys
@@ -170,37 +154,6 @@ def test_evaluate_records_failures_and_goes_on(shared_data, tmp_path, fast_json,
     # the table is printed
     assert "Rat-Kidney_PanCytokeratin.jpg -> Rat-Kidney_HE.jpg" in stdout and "AMrTRE" in stdout
     assert "not found" in stdout
-
-
-def test_evaluate_table_api_status_limit_and_progress(shared_data, tmp_path):
-    from napari_histreg.pipeline import RegistrationConfig
-
-    table = _cover_table(shared_data, tmp_path / "cover.csv")
-    config = RegistrationConfig.from_dict(FAST)
-    config.preprocess.working_size = 96
-    config.nonrigid_method = "none"
-    events = []
-    rows, summary = evaluate_table(table, statuses="synthetic", config=config, progress=events.append, limit=1)
-    assert len(rows) == 1 and rows[0]["status"] == "synthetic" and rows[0]["error"] == ""
-    assert summary["count"] == 1 and summary["failed"] == 0 and summary["statuses"] == ["synthetic"]
-    pair_events = [(e.step, e.total) for e in events if e.stage == "pair"]
-    assert pair_events == [(0, 1), (1, 1)]
-    assert {e.stage for e in events} >= {"preprocess", "affine"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cover.csv"]  # no out_dir: nothing written
-
-
-def test_evaluate_cancel_writes_nothing(shared_data, tmp_path):
-    from napari_histreg.progress import RegistrationCancelled
-
-    table = _cover_table(shared_data, tmp_path / "cover.csv")
-
-    def cancel(event):
-        if event.stage == "initial":
-            raise RegistrationCancelled
-
-    with pytest.raises(RegistrationCancelled):
-        evaluate_table(table, tmp_path / "out", progress=cancel)
-    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- convert
@@ -249,8 +202,10 @@ def test_demo(tmp_path, fast_json, capsys):
 
 
 def test_help_texts(capsys):
-    parser = build_parser()
-    text = parser.format_help()
+    with pytest.raises(SystemExit) as info:
+        histreg(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
     for command in ("register", "evaluate", "convert", "demo", "--version"):
         assert command in text
     for command, words in {
@@ -261,7 +216,7 @@ def test_help_texts(capsys):
         "demo": ["--device", "-o"],
     }.items():
         with pytest.raises(SystemExit) as info:
-            main([command, "--help"])
+            histreg([command, "--help"])
         assert info.value.code == 0
         out = capsys.readouterr().out
         for word in words:
@@ -272,6 +227,6 @@ def test_version(capsys):
     from napari_histreg import __version__
 
     with pytest.raises(SystemExit) as info:
-        main(["--version"])
+        histreg(["--version"])
     assert info.value.code == 0
     assert __version__ in capsys.readouterr().out

@@ -446,3 +446,35 @@ def test_to_tensor_keeps_device_and_casts():
     assert t.dtype == torch.float32 and t.shape == (2, 3)
     assert cv.to_tensor(t, dtype=torch.float64).dtype == torch.float64
     assert math.isclose(float(cv.to_tensor(np.float64(2.5))), 2.5)
+
+
+def test_cast_to_dtype_rounds_and_clips_to_integer_types():
+    from napari_histreg.conventions import cast_to_dtype
+
+    values = np.array([-3.6, 0.4, 1.5, 2.5, 254.6, 300.0], np.float32)
+    # to nearest (halves to even), then clipped: a plain cast would give 253 for -3.6 and 44 for 300
+    assert cast_to_dtype(values, np.uint8).tolist() == [0, 0, 2, 2, 255, 255]
+    assert cast_to_dtype(values, np.int8).tolist() == [-4, 0, 2, 2, 127, 127]
+    assert values[0] == np.float32(-3.6)  # not in place unless asked
+    cast_to_dtype(values, np.uint16, in_place=True)
+    assert values.tolist() == [0.0, 0.0, 2.0, 2.0, 255.0, 300.0]
+    floats = cast_to_dtype(np.array([0.25, 1.75]), np.float32)
+    assert floats.dtype == np.float32 and floats.tolist() == [0.25, 1.75]
+
+
+def test_frame_maps_numpy_and_torch_points_alike():
+    from napari_histreg.conventions import rescale_pixels
+
+    frame = Frame((300, 400), (128, 128), (0.32, 0.32), (10.0, -4.0))
+    points = np.array([[0.0, 0.0], [299.5, 399.25], [12.3, 45.6]])
+    working = frame.to_working(points)
+    on_torch = frame.to_working(torch.tensor(points, dtype=torch.float64)[None])  # any (..., 2) shape
+    assert on_torch.shape == (1, 3, 2)
+    np.testing.assert_allclose(on_torch[0].numpy(), working, atol=1e-12)
+    np.testing.assert_allclose(frame.to_original(torch.as_tensor(working)).numpy(), points, atol=1e-9)
+    # pixel 0's centre of an image is at 0.5 in the image sampled twice as finely
+    np.testing.assert_allclose(rescale_pixels([[0.0, 3.0]], 2.0), [[0.5, 6.5]])
+    # a frame at an exact pyramid factor keeps the factor where the level's size was rounded
+    level = Frame((187, 250), (128, 128), (0.5, 0.5), (0.0, 0.0))
+    assert level.at_shape((1500, 2000), (8.0, 8.0)).scale == (0.0625, 0.0625)
+    assert level.at_shape((1500, 2000)).scale != (0.0625, 0.0625)

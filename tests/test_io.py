@@ -273,7 +273,7 @@ def test_binary_landmark_file(tmp_path):
 # --------------------------------------------------------------------------- the size guard
 def test_size_guard_refuses_before_decoding_and_names_the_lazy_path(tmp_path, monkeypatch, capsys):
     import napari_histreg.io as io_module
-    from napari_histreg.cli import main
+    from console import histreg
 
     png = tmp_path / "big.png"
     imsave(png, _image((300, 400, 3)), check_contrast=False)
@@ -294,7 +294,7 @@ def test_size_guard_refuses_before_decoding_and_names_the_lazy_path(tmp_path, mo
         assert str(path) in text and "300x400x3 uint8" in text and "1/16 of the available memory" in text
         assert "histreg register-batch" in text and "register_slides" in text
     assert "PNG cannot be read in parts" in str(pytest.raises(HistRegInputError, read_image, png).value)
-    code = main(["register", str(tif), str(png), "-o", str(tmp_path / "out")])
+    code = histreg(["register", str(tif), str(png), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("histreg: error:") == 1 and "register-batch" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

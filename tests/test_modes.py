@@ -11,7 +11,7 @@ import torch
 from skimage.io import imsave
 
 from napari_histreg import register
-from napari_histreg.cli import main
+from console import histreg
 from napari_histreg.io import pair_landmarks, read_image, read_landmarks
 from napari_histreg.metrics import pair_metrics
 from napari_histreg.networks import NetworkLoadError, load_network, save_network, shipped_weights_path
@@ -177,29 +177,29 @@ def tiny_data(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["segmentation", "affine", "nonrigid"])
 def test_train_command_writes_loadable_weights_and_resumes(kind, tiny_data, tmp_path, capsys):
     out = tmp_path / f"{kind}.pt"
-    code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "2", "-q"])
+    code = histreg(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "2", "-q"])
     assert code == 0, capsys.readouterr().err
     model = load_network(out, kind=kind)
     assert model.meta["steps"] == 2
     assert f"trained {kind} network: 2 steps" in capsys.readouterr().out
     # The weights file is an earlier output now: kept unless --overwrite.
-    code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q"])
+    code = histreg(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q"])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     # Resuming a finished run starts again from step 0 (its state file is gone) and says so.
-    code = main(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q",
+    code = histreg(["train", kind, "--data", str(tiny_data), "--no-skimage", "-o", str(out), "--steps", "1", "--resume", "-q",
                  "--overwrite"])
     assert code == 0
     assert "no training state" in capsys.readouterr().err
 
 
 def test_train_command_bad_input(tmp_path, capsys):
-    assert main(["train", "affine", "--data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "a.pt")]) == 2
+    assert histreg(["train", "affine", "--data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "a.pt")]) == 2
     assert "training data not found" in capsys.readouterr().err
-    assert main(["train", "affine", "-o", str(tmp_path)]) == 2
+    assert histreg(["train", "affine", "-o", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["train", "affine", "--data", str(empty), "--no-skimage", "-o", str(tmp_path / "a.pt"), "--steps", "1"]) == 2
+    assert histreg(["train", "affine", "--data", str(empty), "--no-skimage", "-o", str(tmp_path / "a.pt"), "--steps", "1"]) == 2
     assert "no images found" in capsys.readouterr().err
 
 

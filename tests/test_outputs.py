@@ -13,7 +13,7 @@ import pytest
 from skimage.io import imsave
 
 from napari_histreg import RegistrationConfig, register
-from napari_histreg.cli import main
+from console import histreg
 from napari_histreg.io import HistRegInputError, write_landmarks
 from napari_histreg.outputs import MARKER, check_not_inputs, check_output_folder, remove_output, staged_outputs
 from napari_histreg.sample import make_sample_pair
@@ -32,7 +32,7 @@ def tree_digest(folder: Path) -> dict:
 
 
 def run(args, capsys):
-    code = main([str(a) for a in args])
+    code = histreg([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 

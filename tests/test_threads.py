@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_histreg import threads as T
-from napari_histreg.cli import main
+from console import histreg
 
 
 def test_threads_from_load():
@@ -92,11 +92,11 @@ def test_the_cli_records_its_thread_choice(tmp_path, capsys):
     out = tmp_path / "demo"
     config = tmp_path / "fast.json"
     config.write_text('{"affine": {"levels": [64], "iterations": [5]}, "dense": {"levels": [64], "iterations": [3]}}')
-    assert main(["demo", "-o", str(out), "--threads", "1", "--config", str(config), "--working-size", "96", "-q"]) == 0
+    assert histreg(["demo", "-o", str(out), "--threads", "1", "--config", str(config), "--working-size", "96", "-q"]) == 0
     assert "(1 thread(s))" in capsys.readouterr().out
     import json
 
     assert json.loads((out / "metrics.json").read_text())["threads"] == 1
     with pytest.raises(SystemExit) as info:
-        main(["demo", "--threads", "0"])
+        histreg(["demo", "--threads", "0"])
     assert info.value.code == 2

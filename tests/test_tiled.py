@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 from napari_conftest import display, qapp_cls, run_widget, viewer  # noqa: F401  (GUI fixtures)
 from test_slide import CountingStore, smooth_rgb, wrapper
 
-from napari_histreg.cli import main
+from console import histreg
 from napari_histreg.conventions import Frame, affine_to_field, rotation_about
 from napari_histreg.io import HistRegInputError
 from napari_histreg.progress import RegistrationCancelled
@@ -208,8 +208,8 @@ def test_cli_warp_sigint_leaves_only_a_partial_output(tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err
     assert not out.exists() and partial.is_dir()
-    assert main(["warp", str(slide), str(tmp_path / "transform.json"), "-o", str(out), "--tile", "128", "-q"]) == 2
-    assert main(["warp", str(slide), str(tmp_path / "transform.json"), "-o", str(out), "--tile", "128", "--resume", "-q",
+    assert histreg(["warp", str(slide), str(tmp_path / "transform.json"), "-o", str(out), "--tile", "128", "-q"]) == 2
+    assert histreg(["warp", str(slide), str(tmp_path / "transform.json"), "-o", str(out), "--tile", "128", "--resume", "-q",
                  "--tiff", str(tmp_path / "big.ome.tif")]) == 0
     assert out.is_dir() and not partial.exists() and (tmp_path / "big.ome.tif").is_file()
     with open_slide(out) as warped:
@@ -220,11 +220,11 @@ def test_cli_warp_sigint_leaves_only_a_partial_output(tmp_path):
 def test_cli_warp_bad_inputs(tmp_path, capsys, source_tiff):
     result = make_result()
     result.save(tmp_path / "t")
-    assert main(["warp", str(tmp_path / "missing.tif"), str(tmp_path / "t.json"), "-o", str(tmp_path / "o.zarr")]) == 2
+    assert histreg(["warp", str(tmp_path / "missing.tif"), str(tmp_path / "t.json"), "-o", str(tmp_path / "o.zarr")]) == 2
     assert "missing.tif" in capsys.readouterr().err
-    assert main(["warp", str(source_tiff), str(tmp_path / "nope.json"), "-o", str(tmp_path / "o.zarr")]) == 2
+    assert histreg(["warp", str(source_tiff), str(tmp_path / "nope.json"), "-o", str(tmp_path / "o.zarr")]) == 2
     assert "nope.json" in capsys.readouterr().err
-    assert main(["warp", str(source_tiff), str(tmp_path / "t.json"), "-o", str(tmp_path / "o.zarr"), "--tile", "8"]) == 2
+    assert histreg(["warp", str(source_tiff), str(tmp_path / "t.json"), "-o", str(tmp_path / "o.zarr"), "--tile", "8"]) == 2
     assert "at least 16" in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.partial").exists()
 
@@ -300,13 +300,13 @@ def test_warp_checks_that_the_slide_is_the_transforms_source(sample_transform, t
     tifffile.imwrite(tmp_path / "target.tif", pair.target)
     out = tmp_path / "w.zarr"
     args = ["warp", str(tmp_path / "target.tif"), str(json_path), "-o", str(out), "-q", "--tile", "256"]
-    assert main(args) == 2
+    assert histreg(args) == 2
     err = capsys.readouterr().err
     assert err.count("histreg: error:") == 1 and "--force" in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "w.zarr.partial").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main([*args, "--force"]) == 0
+        assert histreg([*args, "--force"]) == 0
     assert "warped anyway" in capsys.readouterr().err and out.exists()
 
 
@@ -325,13 +325,13 @@ def test_warp_names_a_damaged_sidecar(sample_transform, tmp_path, capsys):
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_text(json.dumps(content))
-        code = main(["warp", str(source), str(tmp_path / name), "-o", str(tmp_path / "o.zarr"), "-q"])
+        code = histreg(["warp", str(source), str(tmp_path / name), "-o", str(tmp_path / "o.zarr"), "-q"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("histreg: error:") == 1 and "Traceback" not in err, (name, err)
     # a field of another transform beside this sidecar
     other = make_result()
     other.save(tmp_path / "other")
     (tmp_path / "mixed.json").write_text(json.dumps({**sidecar, "field_file": "other.mha"}))
-    assert main(["warp", str(source), str(tmp_path / "mixed.json"), "-o", str(tmp_path / "o.zarr"), "-q"]) == 2
+    assert histreg(["warp", str(source), str(tmp_path / "mixed.json"), "-o", str(tmp_path / "o.zarr"), "-q"]) == 2
     assert "do not belong together" in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.partial").exists()

@@ -68,7 +68,6 @@ def measure(source: np.ndarray, target: np.ndarray, field: np.ndarray, matrix: n
     """The measures of the module docstring for ``source`` registered onto ``target`` by the
     backward working ``field`` ``(2, H, W)`` whose affine part is ``matrix``; ``initial``:
     ``info["initial"]`` (may be None)."""
-    from .conventions import affine_to_field
     from .conventions import resize_field, to_tensor, warp
     from .similarity import local_ncc
     from .stages.mask import otsu_tissue_mask

@@ -368,12 +368,50 @@ def resize_field(field: torch.Tensor, shape: Sequence[int], mode: str = "bilinea
     return resized * scale.view(1, 2, 1, 1)
 
 
+def cast_to_dtype(values: np.ndarray, dtype, in_place: bool = False) -> np.ndarray:
+    """Float ``values`` (resampled, averaged) back as ``dtype``: rounded to the nearest integer
+    and clipped to the type's range when it is an integer type (a plain cast would truncate and
+    wrap around), a plain cast otherwise. ``in_place``: round and clip in ``values`` itself
+    (a large temporary the caller no longer needs)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        out = values if in_place else None
+        values = np.clip(np.rint(values, out=out), info.min, info.max, out=out)
+    return values.astype(dtype, copy=False)
+
+
+def _points(points_rc):
+    """numpy points as float64 ``(N, 2)``; torch tensors unchanged (any ``(..., 2)``)."""
+    if isinstance(points_rc, torch.Tensor):
+        return points_rc
+    return np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+
+
+def _per_axis(points, values):
+    """``values`` (row, col) as an array / tensor that broadcasts against ``points``."""
+    if isinstance(points, torch.Tensor):
+        return torch.as_tensor(values, dtype=points.dtype, device=points.device)
+    return np.asarray(values, dtype=np.float64)
+
+
+def rescale_pixels(points_rc, factor):
+    """Points ``(row, col)`` in the pixels of an image, in the pixels of the same image sampled
+    ``factor`` times as finely (per axis, or one number): pixel centres sit at integer
+    coordinates, so ``(p + 0.5) * factor - 0.5``. The one rule of every change of resolution
+    (working grid, pyramid level, a layer shown at another resolution); numpy points come back
+    as ``(N, 2)``, torch tensors keep their shape and device."""
+    points = _points(points_rc)
+    return (points + 0.5) * _per_axis(points, factor) - 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Frame:
     """Where an original image sits in a working grid.
 
     ``working = (original + 0.5) * scale - 0.5 + offset`` per axis ``(row, col)``.
     ``original_shape`` is the image's ``(H, W)`` at full resolution; ``shape`` the working grid.
+    Both maps take numpy points (``(N, 2)``) or torch tensors (``(..., 2)``).
     """
 
     original_shape: tuple[int, int]
@@ -381,26 +419,29 @@ class Frame:
     scale: tuple[float, float]
     offset: tuple[float, float]
 
-    def to_working(self, points_rc) -> np.ndarray:
-        points = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
-        return (points + 0.5) * np.asarray(self.scale) - 0.5 + np.asarray(self.offset)
+    def to_working(self, points_rc):
+        points = _points(points_rc)
+        return rescale_pixels(points, self.scale) + _per_axis(points, self.offset)
 
-    def to_original(self, points_rc) -> np.ndarray:
-        points = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
-        return (points - np.asarray(self.offset) + 0.5) / np.asarray(self.scale) - 0.5
+    def to_original(self, points_rc):
+        points = _points(points_rc)
+        return (points - _per_axis(points, self.offset) + 0.5) / _per_axis(points, self.scale) - 0.5
 
-    def at_shape(self, image_shape: Sequence[int]) -> "Frame":
-        """The same frame for a version of the original image at another resolution.
+    def at_shape(self, image_shape: Sequence[int], factor: Sequence[float] | None = None) -> "Frame":
+        """The same frame for a version of the original image at another resolution, of shape
+        ``image_shape``.
 
         Used to apply a transform to any level of a pyramid: the working grid stays, the
-        scale changes by the ratio of sizes.
+        scale changes by ``factor``, the new image's pixels per original pixel (default: the
+        ratio of sizes; give a pyramid's exact downsample where a level's size was rounded).
         """
-        ratio = (image_shape[0] / self.original_shape[0], image_shape[1] / self.original_shape[1])
+        if factor is None:
+            factor = (image_shape[0] / self.original_shape[0], image_shape[1] / self.original_shape[1])
         return Frame(
             original_shape=(int(image_shape[0]), int(image_shape[1])),
-            shape=self.shape,
-            scale=(self.scale[0] / ratio[0], self.scale[1] / ratio[1]),
-            offset=self.offset,
+            shape=tuple(self.shape),
+            scale=(self.scale[0] / float(factor[0]), self.scale[1] / float(factor[1])),
+            offset=tuple(self.offset),
         )
 
     def to_dict(self) -> dict:
@@ -432,12 +473,8 @@ def field_between_frames(
     c = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)
     rr, cc = torch.meshgrid(r, c, indexing="ij")
     p = torch.stack((rr, cc), dim=-1)  # (h, w, 2)
-    t_scale = torch.tensor(target_frame.scale, device=device)
-    t_off = torch.tensor(target_frame.offset, device=device)
-    s_scale = torch.tensor(source_frame.scale, device=device)
-    s_off = torch.tensor(source_frame.offset, device=device)
-    q = (p + 0.5) * t_scale - 0.5 + t_off
+    q = target_frame.to_working(p)
     grid = pixels_to_normalised(q, working_field.shape[-2:]).unsqueeze(0).to(working_field.dtype)
     u = sample(working_field.reshape(1, 2, *working_field.shape[-2:]), grid, padding_mode="border")[0].permute(1, 2, 0)
-    s = (q + u - s_off + 0.5) / s_scale - 0.5
+    s = source_frame.to_original(q + u)
     return (s - p).permute(2, 0, 1).contiguous()

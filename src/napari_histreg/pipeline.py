@@ -235,6 +235,34 @@ class Pipeline:
             return lambda s, t, f, progress=None: hybrid_nonrigid(s, t, f, c.learned_nonrigid, refine, device, progress)
         return lambda s, t, f, progress=None: checked_learned_nonrigid(s, t, f, c.learned_nonrigid, device, progress)
 
+    def masked(self, pair: PreparedPair) -> PreparedPair:
+        """``pair`` with the background outside each image's tissue mask set to 0 (``pair``
+        itself when the mask stage is off)."""
+        if self.mask is None:
+            return pair
+        return dataclasses.replace(pair, source=pair.source * np.asarray(self.mask(pair.source), bool),
+                                   target=pair.target * np.asarray(self.mask(pair.target), bool))
+
+    def prepare(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None) -> PreparedPair:
+        """The working pair the registration stages run on: preprocessed, then masked."""
+        report(progress, "preprocess", 0, 1, "working pair")
+        pair = self.masked(self.preprocess(source, target))
+        report(progress, "preprocess", 1, 1, "working pair")
+        return pair
+
+    @staticmethod
+    def result(pair: PreparedPair, matrix, field=None, info: dict | None = None,
+               timings: dict | None = None) -> RegistrationResult:
+        """The result of registering ``pair`` (as :meth:`prepare` made it) to ``matrix``
+        (2x3 backward affine, working pixels) and, when given, the non-rigid ``field`` that
+        includes it; without ``field`` the affine alone."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if field is None:
+            field = affine_to_field(matrix, pair.target.shape)[0].numpy()
+        return RegistrationResult(np.asarray(field, dtype=np.float32), pair.source_frame, pair.target_frame, matrix,
+                                  timings if timings is not None else {}, info if info is not None else {},
+                                  pair.source, pair.target)
+
     def run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None,
             name: str | None = None) -> RegistrationResult:
         """Register ``source`` onto ``target`` (arrays already validated), on the torch threads
@@ -279,11 +307,10 @@ class Pipeline:
             )
             info["blank"] = blank
             info["confidence"] = {"score": 0.0, "flag": "check", "weakest": "blank", "measures": {}}
-            field = np.zeros((2,) + tgt.shape, dtype=np.float32)
-            return RegistrationResult(field, pair.source_frame, pair.target_frame, identity, timings, info, src, tgt)
+            return self.result(pair, identity, np.zeros((2,) + tgt.shape, dtype=np.float32), info, timings)
         if self.mask is not None:
-            src_mask, tgt_mask = timed("mask", lambda: (np.asarray(self.mask(src), bool), np.asarray(self.mask(tgt), bool)))
-            src, tgt = src * src_mask, tgt * tgt_mask
+            pair = timed("mask", self.masked, pair)
+            src, tgt = pair.source, pair.target
         matrix = identity
         with torch.no_grad():
             if self.initial is not None:
@@ -309,7 +336,7 @@ class Pipeline:
         if info["confidence"]["flag"] != "ok":
             warnings.warn(f"{name or 'this registration'} needs a look: {describe(info['confidence'])}",
                           RegistrationNeedsCheck, stacklevel=3)
-        return RegistrationResult(field.astype(np.float32), pair.source_frame, pair.target_frame, matrix, timings, info, src, tgt)
+        return self.result(pair, matrix, field, info, timings)
 
 
 def working_fingerprint(working_source: np.ndarray, frame, inverted: bool) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conventions import field_between_frames, pixels_to_normalised, sample, to_tensor
+from .conventions import cast_to_dtype, field_between_frames, pixels_to_normalised, sample, to_tensor
 from .io import HistRegInputError
 from .progress import ProgressCallback
 from .result import RegistrationResult
@@ -148,7 +148,6 @@ def warp_block(
         region = region[..., None]
     out = np.empty((h, w, region.shape[-1]), dtype=dtype)
     mode = "nearest" if order == 0 else "bilinear"
-    integer = np.issubdtype(np.dtype(dtype), np.integer)
     for sub, coords, box in strips:
         target = out[sub.start - rows.start : sub.stop - rows.start]
         if box is None:
@@ -165,11 +164,7 @@ def warp_block(
         sampled = sample(tensor, grid, mode=mode)[0]
         if cval:
             sampled += cval
-        values = sampled.permute(1, 2, 0).numpy()
-        if integer:
-            info = np.iinfo(dtype)
-            values = np.clip(np.rint(values, out=values), info.min, info.max, out=values)
-        target[...] = values
+        target[...] = cast_to_dtype(sampled.permute(1, 2, 0).numpy(), dtype, in_place=True)
     return out if channels else out[..., 0]
 
 

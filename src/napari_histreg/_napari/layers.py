@@ -502,10 +502,12 @@ def map_points_layer(result, points, *, source_image=None, target_layer=None, na
 
 
 def _to_registered_resolution(rc, result, image_shape):
+    """Pixels of the shown source image (``image_shape``) -> pixels of the registered one."""
+    from ..conventions import rescale_pixels
+
     if image_shape is None or tuple(image_shape) == tuple(result.source_shape):
         return np.asarray(rc, dtype=np.float64)
-    ratio = np.asarray(result.source_shape, dtype=np.float64) / np.asarray(image_shape[:2], dtype=np.float64)
-    return (np.asarray(rc, dtype=np.float64) + 0.5) * ratio - 0.5
+    return rescale_pixels(rc, np.asarray(result.source_shape, dtype=np.float64) / np.asarray(image_shape[:2], dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- viewer updates

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..conventions import Frame
+from ..conventions import Frame, cast_to_dtype
 from ..io import HistRegInputError
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn", ".qptiff", ".bif", ".lsm")
@@ -122,18 +122,10 @@ class Slide:
 
 def frame_to_level0(frame: Frame, level0_shape: Sequence[int], downsample: Sequence[float]) -> Frame:
     """``frame`` places an image of some pyramid level on the working grid; return the frame of
-    level 0, given the level's ``downsample`` (level-0 pixels per level pixel, ``(row, col)``).
-
-    ``level = (level0 + 0.5) / f - 0.5`` so ``working = (level0 + 0.5) * scale / f - 0.5 + offset``.
-    With ``downsample = level0_shape / frame.original_shape`` this equals
-    ``frame.at_shape(level0_shape)``; with an exact integer factor it also stays exact when the
-    level's size was rounded."""
-    return Frame(
-        original_shape=(int(level0_shape[0]), int(level0_shape[1])),
-        shape=tuple(frame.shape),
-        scale=(frame.scale[0] / float(downsample[0]), frame.scale[1] / float(downsample[1])),
-        offset=tuple(frame.offset),
-    )
+    level 0, given the level's ``downsample`` (level-0 pixels per level pixel, ``(row, col)``):
+    :meth:`Frame.at_shape` with the pyramid's exact factor, which stays exact when the level's
+    size was rounded."""
+    return frame.at_shape(level0_shape, downsample)
 
 
 def _downsample_from_shapes(level0_shape, shape) -> tuple[float, float]:
@@ -147,14 +139,6 @@ def _downsample_from_shapes(level0_shape, shape) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- lazy 2x means
-def _to_dtype(values: np.ndarray, dtype) -> np.ndarray:
-    """Float ``values`` as ``dtype``: rounded and clipped to its range when it is an integer type."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    return values.astype(dtype)
-
-
 def halve(array):
     """Lazy 2x2 mean of a dask array ``(H, W[, C])`` (odd last row / column dropped), same dtype."""
     import dask.array as da
@@ -172,7 +156,7 @@ def halve(array):
     def block_mean(block):
         bh, bw = block.shape[0] // 2, block.shape[1] // 2
         shaped = block[: bh * 2, : bw * 2].reshape((bh, 2, bw, 2) + block.shape[2:])
-        return _to_dtype(shaped.astype(np.float32).mean(axis=(1, 3)), dtype)
+        return cast_to_dtype(shaped.astype(np.float32).mean(axis=(1, 3)), dtype)
 
     out_chunks = tuple(tuple(c // 2 for c in array.chunks[a]) for a in (0, 1)) + tuple(array.chunks[2:])
     return da.map_blocks(block_mean, array, chunks=out_chunks, dtype=dtype)
@@ -196,7 +180,7 @@ def block_mean_bands(level0, factor: int, shape, band_bytes: int | None = None) 
         o1 = min(h, o0 + band)
         block = np.asarray(level0[o0 * factor : o1 * factor, : w * factor].compute(scheduler="synchronous"))
         shaped = block.reshape((o1 - o0, factor, w, factor) + tuple(channels)).astype(np.float32)
-        out[o0:o1] = _to_dtype(shaped.mean(axis=(1, 3)), level0.dtype)
+        out[o0:o1] = cast_to_dtype(shaped.mean(axis=(1, 3)), level0.dtype)
     return out
 
 

@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 
+from ..conventions import cast_to_dtype
 from ..io import check_image
 from ..progress import ProgressCallback
-from .read import _to_dtype, frame_to_level0, open_slide
+from .read import frame_to_level0, open_slide
 
 
 # --------------------------------------------------------------------------- registration
@@ -21,7 +22,7 @@ def _resample_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     chw = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
     tensor = torch.as_tensor(np.ascontiguousarray(chw), dtype=torch.float32)[None]
-    out = _to_dtype(resample(tensor, shape)[0].numpy(), image.dtype)
+    out = cast_to_dtype(resample(tensor, shape)[0].numpy(), image.dtype)
     return out[0] if image.ndim == 2 else np.moveaxis(out, 0, -1)
 
 

@@ -9,11 +9,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..conventions import cast_to_dtype
 from ..io import HistRegInputError, atomic_path
 from ..progress import ProgressCallback, report
 from .blocks import run_blocks
 from .jobs import PartialOutput
-from .read import DEFAULT_CHUNK, DEFAULT_MIN_SIZE, NGFF_VERSION, _to_dtype, open_slide
+from .read import DEFAULT_CHUNK, DEFAULT_MIN_SIZE, NGFF_VERSION, open_slide
 
 
 # --------------------------------------------------------------------------- OME-Zarr writing
@@ -31,7 +32,7 @@ def _mean2(block: np.ndarray, dtype) -> np.ndarray:
     c, h, w = block.shape
     h2, w2 = h // 2, w // 2
     mean = block[:, : 2 * h2, : 2 * w2].reshape(c, h2, 2, w2, 2).astype(np.float32).mean(axis=(2, 4))
-    return _to_dtype(mean, dtype)
+    return cast_to_dtype(mean, dtype)
 
 
 class OmeZarrWriter:

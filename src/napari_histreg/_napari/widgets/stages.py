@@ -15,20 +15,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
-from ...config import scaled_iterations
+from ...config import RegistrationConfig, build_config
 from ...conventions import affine_to_field
-from ...pipeline import RegistrationConfig, checked_learned_affine, checked_learned_nonrigid, hybrid_affine, hybrid_nonrigid
+from ...pipeline import Pipeline
 from ...progress import report
 from ...result import RegistrationResult
-from ...stages.affine import AffineConfig, optimise_affine
-from ...stages.initial import InitialAlignmentConfig, initial_alignment
-from ...stages.learned_nonrigid import LearnedNonrigidConfig
-from ...stages.mask import otsu_tissue_mask
-from ...stages.nonrigid import DenseConfig, PatchConfig, dense_nonrigid, patch_nonrigid
-from ...stages.preprocess import PreparedPair, PreprocessConfig, preprocess_pair
-from ...stages.segment import unet_tissue_mask
+from ...stages.affine import AffineConfig
+from ...stages.initial import InitialAlignmentConfig
+from ...stages.nonrigid import DenseConfig
+from ...stages.preprocess import PreparedPair, PreprocessConfig
 from ...threads import torch_threads
-from ..layers import add_layers, image_ref, map_points_layer, result_to_layers, snapshot, working_placement
+from ..layers import add_layers, image_ref, result_to_layers, snapshot, working_placement
 from ..session import PairKey
 from ._base import DEVICES, RunWidget, check_pair, layer_picker, source_target_pickers, threads_box
 from .register import resolve_device
@@ -41,33 +38,49 @@ IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 MASKS = {"none": None, "Otsu": "otsu", "tissue U-Net": "unet"}
 
+#: Affine widget method -> the pipeline mode whose affine stage it runs.
+AFFINE_MODES = {"optimise": "optimise", "network": "learned", "hybrid": "hybrid"}
 
-def _tissue_mask(image: np.ndarray, method, device) -> np.ndarray:
-    if method == "unet":
-        return unet_tissue_mask(image, device=device)
-    return otsu_tissue_mask(image)
-
-
-def _prepare_pair(source, target, config: PreprocessConfig, mask, device, progress) -> PreparedPair:
-    """Preprocess (and optionally mask: ``mask`` is None, ``"otsu"`` or ``"unet"``) a
-    pair, reporting ``preprocess`` events."""
-    report(progress, "preprocess", 0, 1, "working pair")
-    pair = preprocess_pair(source, target, config, device)
-    if mask:
-        pair = dataclasses.replace(
-            pair,
-            source=pair.source * _tissue_mask(pair.source, mask, device),
-            target=pair.target * _tissue_mask(pair.target, mask, device),
-        )
-    report(progress, "preprocess", 1, 1, "working pair")
-    return pair
+#: Non-rigid widget method -> (pipeline mode, non-rigid method) whose non-rigid stage it runs.
+NONRIGID_MODES = {
+    "dense": ("optimise", "dense"),
+    "patches": ("optimise", "patches"),
+    "network": ("learned", "dense"),
+    "network + dense": ("hybrid", "dense"),
+}
 
 
-def _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress):
-    """(source level, target level, pair): the registered levels of the layers and the session's
-    pair, or one made from those levels."""
-    src_level, tgt_level = image_ref(src), image_ref(tgt)
-    return src_level, tgt_level, pair or _prepare_pair(src_level.data, tgt_level.data, pconfig, mask, device, progress)
+def stage_pipeline(device, preprocess: PreprocessConfig, mask: str | None, **knobs) -> Pipeline:
+    """The pipeline whose bound stages a widget runs: the working pair made with ``preprocess``
+    and ``mask`` (None, ``"otsu"`` or ``"unet"``), the other stages set by ``knobs``
+    (:func:`~napari_histreg.config.build_config`'s), so that a widget runs exactly what
+    ``register`` would with the same settings."""
+    base = RegistrationConfig(preprocess=preprocess)
+    return Pipeline(build_config(base, mask=mask or "none", **knobs), device)
+
+
+@dataclasses.dataclass
+class PairPlan:
+    """The working pair a stage runs on: the session's (``pair``) or one to make, with what."""
+
+    key: PairKey
+    pair: PreparedPair | None
+    preprocess: PreprocessConfig
+    mask: str | None
+
+
+@dataclasses.dataclass
+class StageOutput:
+    """What a stage widget's worker hands back to the GUI thread."""
+
+    plan: PairPlan
+    pair: PreparedPair
+    layers: list
+    message: str
+    result: RegistrationResult | None = None
+    names: tuple[str, str] | None = None  # the source and target layers ``result`` belongs to
+    matrix: np.ndarray | None = None  # kept in the session as the latest affine, made by ``stage``
+    stage: str | None = None
 
 
 class _StageWidget(RunWidget):
@@ -112,29 +125,39 @@ class _StageWidget(RunWidget):
         names = {"vectors": "deformation", "magnitude": "displacement magnitude", "jacobian": "Jacobian determinant"}
         return {flag: owned_layer(self.viewer, f"{source_name} {suffix}", self.owner) is not None for flag, suffix in names.items()}
 
-    def _landmark_layers(self, result, points, src_level, tgt_level) -> list:
-        """The registered landmarks layer for ``points`` (a snapshot, or None: no layer)."""
-        if points is None:
-            return []
-        return [map_points_layer(result, points, source_image=src_level, target_layer=tgt_level)]
-
-    def _pair_plan(self, source, target):
-        """(pair or None, key, config, mask): the session's pair for these layers, or what to
-        compute it with."""
+    def _pair_plan(self, source, target) -> PairPlan:
+        """The session's pair for these layers, or what to compute it with."""
         key = PairKey.of(source, target)
         if self.session.has_pair_for(source, target):
-            return self.session.pair, key, self.session.preprocess_config, self.session.mask_method
-        return None, key, self.session.preprocess_config or PreprocessConfig(), None
+            return PairPlan(key, self.session.pair, self.session.preprocess_config, self.session.mask_method)
+        return PairPlan(key, None, self.session.preprocess_config or PreprocessConfig(), None)
 
-    def _store(self, key, pair, pconfig, mask, result, layers, names, matrix=None, stage=None) -> None:
-        """Keep a stage's outputs: the pair (when it was made here), the matrix (when given), the
-        result (``names``: source and target layer names), and add its layers."""
-        if self.session.pair is not pair:
-            self.session.set_pair(key, pair, pconfig, mask)
-        if matrix is not None:
-            self.session.set_matrix(matrix, stage)
-        self.session.set_result(result, *names)
-        add_layers(self.viewer, layers, owner=self.owner)
+    @staticmethod
+    def _levels_and_pair(src, tgt, plan: PairPlan, pipeline: Pipeline, progress):
+        """(source level, target level, pair): the registered levels of the layers and the
+        planned pair, made by ``pipeline`` from those levels when the session has none."""
+        src_level, tgt_level = image_ref(src), image_ref(tgt)
+        return src_level, tgt_level, plan.pair or pipeline.prepare(src_level.data, tgt_level.data, progress)
+
+    def _transform_output(self, result, plan, pair, points, shown, src, tgt, src_level, tgt_level, progress,
+                          message, stage=None, **flags) -> StageOutput:
+        """A stage's result as layers (warped source, field layers shown, mapped landmarks)."""
+        report(progress, "layers", 0, 1, "warping the source")
+        layers = result_to_layers(result, src_level, target_layer=tgt_level, source_points=points, **{**shown, **flags})
+        return StageOutput(plan, pair, layers, message, result, (src.name, tgt.name),
+                           result.matrix if stage else None, stage)
+
+    def apply(self, out: StageOutput) -> str:
+        """Keep a stage's outputs in the session (the pair when it was made here, the matrix
+        when given, the result) and add its layers."""
+        if self.session.pair is not out.pair:
+            self.session.set_pair(out.plan.key, out.pair, out.plan.preprocess, out.plan.mask)
+        if out.matrix is not None:
+            self.session.set_matrix(out.matrix, out.stage)
+        if out.result is not None:
+            self.session.set_result(out.result, *out.names)
+        add_layers(self.viewer, out.layers, owner=self.owner)
+        return out.message
 
 
 class PreprocessWidget(_StageWidget):
@@ -160,28 +183,21 @@ class PreprocessWidget(_StageWidget):
             PreprocessConfig(), working_size=int(self.working_size.value), invert=self.invert.value,
             equalise=self.equalise.value, clahe=self.clahe.value,
         )
-        mask = MASKS[self.mask.value]
-        key = PairKey.of(source, target)
+        plan = PairPlan(PairKey.of(source, target), None, config, MASKS[self.mask.value])
+        pipeline = stage_pipeline(device, config, plan.mask)
         src, tgt = snapshot(source), snapshot(target)
 
         def job(progress):
-            src_level, tgt_level = image_ref(src), image_ref(tgt)
-            pair = _prepare_pair(src_level.data, tgt_level.data, config, mask, device, progress)
+            src_level, tgt_level, pair = self._levels_and_pair(src, tgt, plan, pipeline, progress)
             place = working_placement(pair.target_frame, tgt_level)
             layers = [
                 (pair.target, {"name": f"{tgt.name} (working)", "colormap": "green", "blending": "additive", **place}, "image"),
                 (pair.source, {"name": f"{src.name} (working)", "colormap": "magenta", "blending": "additive", **place}, "image"),
             ]
-            return key, pair, config, mask, layers
+            h, w = pair.target.shape
+            return StageOutput(plan, pair, layers, f"working pair {h}x{w} px (scale {pair.target_frame.scale[0]:.3f})")
 
         return self._threaded(job)
-
-    def apply(self, payload) -> str:
-        key, pair, config, mask, layers = payload
-        self.session.set_pair(key, pair, config, mask)
-        add_layers(self.viewer, layers, owner=self.owner)
-        h, w = pair.target.shape
-        return f"working pair {h}x{w} px (scale {pair.target_frame.scale[0]:.3f})"
 
 
 class InitialAlignmentWidget(_StageWidget):
@@ -198,31 +214,26 @@ class InitialAlignmentWidget(_StageWidget):
 
     def prepare(self):
         source, target, device = self._inputs()
-        config = dataclasses.replace(
-            InitialAlignmentConfig(), angle_step=float(self.angle_step.value), search_size=int(self.search_size.value),
-            use_centroid=self.use_centroid.value,
-        )
-        pair, key, pconfig, mask = self._pair_plan(source, target)
+        plan = self._pair_plan(source, target)
+        settings = {"angle_step": float(self.angle_step.value), "search_size": int(self.search_size.value),
+                    "use_centroid": bool(self.use_centroid.value)}
+        pipeline = stage_pipeline(device, plan.preprocess, plan.mask, overrides={"initial": settings})
         src, tgt = snapshot(source), snapshot(target)
         points = snapshot(self.source_points.value)
         shown = self._shown(src.name)
 
         def job(progress):
-            src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
-            found = initial_alignment(p.source, p.target, config, device, progress)
-            result = _affine_result(p, found.matrix, "initial")
-            result.info.update(angle=found.angle, score=found.score)
-            report(progress, "layers", 0, 1, "warping the source")
-            layers = result_to_layers(result, src_level, target_layer=tgt_level, **shown)
-            layers += self._landmark_layers(result, points, src_level, tgt_level)
-            return key, p, pconfig, mask, found, result, layers, src.name, tgt.name
+            src_level, tgt_level, pair = self._levels_and_pair(src, tgt, plan, pipeline, progress)
+            found = pipeline.initial(pair.source, pair.target, progress)
+            result = pipeline.result(pair, found.matrix, info={"stage": "initial", "angle": found.angle, "score": found.score})
+            return self._transform_output(result, plan, pair, points, shown, src, tgt, src_level, tgt_level, progress,
+                                          f"rotation {found.angle:.2f}°, NCC {found.score:.3f}", stage="initial")
 
         return self._threaded(job)
 
-    def apply(self, payload) -> str:
-        key, pair, pconfig, mask, found, result, layers, sname, tname = payload
-        self._store(key, pair, pconfig, mask, result, layers, (sname, tname), found.matrix, "initial")
-        return f"rotation {found.angle:.2f}°, NCC {found.score:.3f}"
+
+#: Affine widget methods: instance optimisation, the affine network, hybrid mode's network + short optimisation.
+STAGE_METHODS = tuple(AFFINE_MODES)
 
 
 class AffineWidget(_StageWidget):
@@ -242,54 +253,38 @@ class AffineWidget(_StageWidget):
 
     def prepare(self):
         source, target, device = self._inputs()
-        method = self.method.value
-        settings = RegistrationConfig()  # this widget's schedule in both of the affine optimisations
-        settings.affine, settings.hybrid_affine = (
-            dataclasses.replace(d, iterations=scaled_iterations(d.iterations, self.iterations.value), learning_rate=float(self.learning_rate.value))
-            for d in (settings.affine, settings.hybrid_affine)
-        )
-        pair, key, pconfig, mask = self._pair_plan(source, target)
-        start = IDENTITY
-        started_from = "identity"
-        if pair is not None and self.start.value == "previous stage" and self.session.matrix is not None:
+        plan = self._pair_plan(source, target)
+        rate = {"learning_rate": float(self.learning_rate.value)}  # both affine optimisations: full and hybrid's short one
+        pipeline = stage_pipeline(device, plan.preprocess, plan.mask, mode=AFFINE_MODES[self.method.value],
+                                  iterations_factor=float(self.iterations.value),
+                                  overrides={"affine": dict(rate), "hybrid_affine": dict(rate)})
+        start, started_from = IDENTITY, "identity"
+        if plan.pair is not None and self.start.value == "previous stage" and self.session.matrix is not None:
             start, started_from = self.session.matrix, self.session.matrix_stage or "previous stage"
         src, tgt = snapshot(source), snapshot(target)
         points = snapshot(self.source_points.value)
         shown = self._shown(src.name)
 
         def job(progress):
-            src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
-            # exactly the pipeline's affine stage of each mode, with this widget's schedule
-            if method == "optimise":
-                matrix = optimise_affine(p.source, p.target, start, settings.affine, device, progress)
-            elif method == "network":
-                matrix = checked_learned_affine(p.source, p.target, start, settings.learned_affine, device, progress)
-            else:
-                matrix = hybrid_affine(p.source, p.target, start, settings.learned_affine, settings.hybrid_affine, settings.affine,
-                                       device, progress)
-            result = _affine_result(p, matrix, "affine")
-            report(progress, "layers", 0, 1, "warping the source")
-            layers = result_to_layers(result, src_level, target_layer=tgt_level, **shown)
-            layers += self._landmark_layers(result, points, src_level, tgt_level)
-            return key, p, pconfig, mask, matrix, result, layers, src.name, tgt.name, started_from
+            src_level, tgt_level, pair = self._levels_and_pair(src, tgt, plan, pipeline, progress)
+            matrix = pipeline.affine(pair.source, pair.target, start, progress)
+            result = pipeline.result(pair, matrix, info={"stage": "affine"})
+            return self._transform_output(result, plan, pair, points, shown, src, tgt, src_level, tgt_level, progress,
+                                          f"affine done (started from {started_from})", stage="affine")
 
         return self._threaded(job)
-
-    def apply(self, payload) -> str:
-        key, pair, pconfig, mask, matrix, result, layers, sname, tname, started_from = payload
-        self._store(key, pair, pconfig, mask, result, layers, (sname, tname), matrix, "affine")
-        return f"affine done (started from {started_from})"
 
 
 class NonrigidWidget(_StageWidget):
     """Dense instance optimisation, the patch-group engine with per-patch optimisation, or the
-    patch-group network (``network``), from the last affine."""
+    patch-group network (``network``, alone or followed by the dense optimisation), from the
+    last affine."""
 
     stages = ("preprocess", "nonrigid", "layers")
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         d = DenseConfig()
-        self.method = ComboBox(value="dense", choices=["dense", "patches", "network", "network + dense"], label="method")
+        self.method = ComboBox(value="dense", choices=list(NONRIGID_MODES), label="method")
         self.iterations = FloatSpinBox(value=1.0, min=0.05, max=10.0, step=0.25, label="iterations ×")
         self.regularisation = FloatSpinBox(value=d.regularisation, min=0.0, max=1000.0, step=0.5, label="regularisation")
         self.show_vectors = CheckBox(value=True, text="deformation arrows")
@@ -304,14 +299,13 @@ class NonrigidWidget(_StageWidget):
     def prepare(self):
         source, target, device = self._inputs()
         method = self.method.value
-        factor = float(self.iterations.value)
-        dense = DenseConfig()
-        dense = dataclasses.replace(dense, iterations=scaled_iterations(dense.iterations, factor), regularisation=float(self.regularisation.value))
-        patches = PatchConfig()
-        patches = dataclasses.replace(patches, iterations=scaled_iterations(patches.iterations, factor))
-        pair, key, pconfig, mask = self._pair_plan(source, target)
-        matrix = self.session.matrix if pair is not None and self.session.matrix is not None else IDENTITY
-        started_from = self.session.matrix_stage if pair is not None and self.session.matrix is not None else "identity"
+        mode, nonrigid_method = NONRIGID_MODES[method]
+        plan = self._pair_plan(source, target)
+        pipeline = stage_pipeline(device, plan.preprocess, plan.mask, mode=mode, nonrigid_method=nonrigid_method,
+                                  iterations_factor=float(self.iterations.value), regularisation=float(self.regularisation.value))
+        previous = plan.pair is not None and self.session.matrix is not None
+        matrix = self.session.matrix if previous else IDENTITY
+        started_from = self.session.matrix_stage if previous else "identity"
         src, tgt = snapshot(source), snapshot(target)
         points = snapshot(self.source_points.value)
         shown = self._shown(src.name)
@@ -319,39 +313,11 @@ class NonrigidWidget(_StageWidget):
                      jacobian=self.show_jacobian.value or shown["jacobian"])
 
         def job(progress):
-            src_level, tgt_level, p = _levels_and_pair(src, tgt, pair, pconfig, mask, device, progress)
-            start = affine_to_field(matrix, p.target.shape)[0].numpy()
-            if method == "network":  # exactly the pipeline's learned non-rigid stage
-                field = checked_learned_nonrigid(p.source, p.target, start, LearnedNonrigidConfig(), device, progress)
-            elif method == "network + dense":  # exactly the pipeline's hybrid non-rigid stage
-                field = hybrid_nonrigid(p.source, p.target, start, LearnedNonrigidConfig(), dense, device, progress)
-            elif method == "dense":
-                field = dense_nonrigid(p.source, p.target, start, dense, device, progress)
-            else:
-                field = patch_nonrigid(p.source, p.target, start, None, patches, device, progress)
-            result = RegistrationResult(
-                np.asarray(field, dtype=np.float32), p.source_frame, p.target_frame, np.asarray(matrix, dtype=np.float64),
-                info={"stage": "nonrigid", "method": method}, working_source=p.source, working_target=p.target,
-            )
-            report(progress, "layers", 0, 1, "warping the source")
-            layers = result_to_layers(result, src_level, target_layer=tgt_level, source_points=points, **flags)
-            return key, p, pconfig, mask, result, layers, src.name, tgt.name, started_from
+            src_level, tgt_level, pair = self._levels_and_pair(src, tgt, plan, pipeline, progress)
+            start = affine_to_field(matrix, pair.target.shape)[0].numpy()
+            field = pipeline.nonrigid(pair.source, pair.target, start, progress)
+            result = pipeline.result(pair, matrix, field, info={"stage": "nonrigid", "method": method})
+            return self._transform_output(result, plan, pair, points, shown, src, tgt, src_level, tgt_level, progress,
+                                          f"non-rigid done (started from {started_from})", **flags)
 
         return self._threaded(job)
-
-    def apply(self, payload) -> str:
-        key, pair, pconfig, mask, result, layers, sname, tname, started_from = payload
-        self._store(key, pair, pconfig, mask, result, layers, (sname, tname))
-        return f"non-rigid done (started from {started_from})"
-
-
-#: Affine widget methods: instance optimisation, the affine network, hybrid mode's network + short optimisation.
-STAGE_METHODS = ("optimise", "network", "hybrid")
-
-
-def _affine_result(pair: PreparedPair, matrix, stage: str) -> RegistrationResult:
-    field = affine_to_field(matrix, pair.target.shape)[0].numpy().astype(np.float32)
-    return RegistrationResult(
-        field, pair.source_frame, pair.target_frame, np.asarray(matrix, dtype=np.float64),
-        info={"stage": stage}, working_source=pair.source, working_target=pair.target,
-    )
