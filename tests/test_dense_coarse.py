@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from napari_histreg import conventions as cv
-from napari_histreg.similarity import _box_mean, box_mean, diffusion, local_ncc, local_ncc_fast, ncc
+from napari_histreg.similarity import (_box_mean, box_mean, diffusion, fixed_local_stats, local_ncc, local_ncc_fast,
+                                      local_ncc_to_fixed, ncc)
 from napari_histreg.stages.nonrigid import (
     DenseConfig,
     _coarse_spacings,
@@ -47,6 +48,18 @@ def test_local_ncc_fast_matches_local_ncc():
     g_fast = torch.autograd.grad(fast.sum(), (a, b))
     for s, f in zip(g_slow, g_fast):
         assert torch.allclose(f, s, atol=1e-7)
+
+
+def test_local_ncc_to_a_fixed_target_matches_local_ncc():
+    """The target's statistics computed once give the same values and source gradients."""
+    b = torch.rand(1, 1, 40, 50)  # one target for the whole batch
+    a = (b + 0.3 * torch.rand(3, 1, 40, 50)).requires_grad_(True)
+    reference = local_ncc(a, b.expand_as(a), 7)
+    fixed = local_ncc_to_fixed(a, fixed_local_stats(b, 7), 7)
+    assert fixed.shape == (3,) and torch.allclose(fixed, reference, atol=1e-6)
+    assert reference.min() > 0.5  # a correlated pair: the comparison is not of two zeros
+    (g_ref,), (g_fixed,) = torch.autograd.grad(reference.sum(), a), torch.autograd.grad(fixed.sum(), a)
+    assert torch.allclose(g_fixed, g_ref, atol=1e-7)
 
 
 @pytest.mark.parametrize("grid, shape", [((4, 5), (8, 8)), ((18, 24), (576, 768)), ((13, 7), (13, 50))])

@@ -35,11 +35,16 @@ from .preprocess import level_shape, resample
 @dataclasses.dataclass
 class InitialAlignmentConfig:
     """``angle_step`` in degrees over the full circle; ``search_size``: longer side of the grid
-    the search runs on; ``batch_size``: angles warped per ``grid_sample`` call;
-    ``refine_step``: a finer search around the best angle (0 disables it)."""
+    the search runs on; ``refine_step``: a finer search around the best angle (0 disables it).
+    ``search_method`` of the coarse search: ``"polar"`` scores every angle at once from the two
+    images resampled to polar coordinates about their centres (:func:`polar_angle_scores`, the
+    default: 30-60x faster than warping, the same peaks, scores within about 0.02 in NCC);
+    ``"grid"`` warps the source once per angle, ``batch_size`` angles per ``grid_sample`` call.
+    The fine search around each peak (a few angles) always warps."""
 
     angle_step: float = 1.0
     search_size: int = 192
+    search_method: str = "polar"
     batch_size: int = 120
     refine_step: float = 0.25
     use_centroid: bool = True
@@ -109,8 +114,79 @@ def centroid(image: np.ndarray) -> np.ndarray:
     return np.array([(image.sum(1) * rows).sum() / total, (image.sum(0) * cols).sum() / total])
 
 
-def _score_angles(source, target, angles_deg, center_t, center_s, batch_size, device, progress, stage_total, done):
-    """NCC of ``target`` against ``source`` rotated by each angle, in batches on ``device``."""
+def _score_angles(source, target, angles_deg, center_t, center_s, config, device, progress, stage_total, done,
+                  method=None):
+    """Global NCC of ``target`` with ``source`` rotated by each angle about the centres (by
+    ``method``, default ``config.search_method``), and the progress count."""
+    method = method or config.search_method
+    if method == "polar":
+        scores = polar_angle_scores(source, target, angles_deg, center_t, center_s)
+        done += len(angles_deg)
+        report(progress, "initial", done, stage_total, "rotation search")
+        return scores, done
+    if method != "grid":
+        raise ValueError(f"search_method must be 'polar' or 'grid', not {method!r}")
+    return _grid_angle_scores(source, target, angles_deg, center_t, center_s, config.batch_size, device, progress,
+                              stage_total, done)
+
+
+#: angular samples of the polar grid come in multiples of this (0.25 degrees: the refine step)
+POLAR_ANGLE_QUANTUM = 1440
+
+
+def polar_angle_scores(source: torch.Tensor, target: torch.Tensor, angles_deg, center_t, center_s) -> np.ndarray:
+    """Global NCC over the target grid of ``target`` with ``source`` rotated by each of
+    ``angles_deg`` about the centres (``s = R (p - c_t) + c_s``, zeros outside the source), all
+    angles at once: the criterion of the grid search without warping once per angle.
+
+    Both images are resampled on a polar grid about their centres (radius out to the target's
+    farthest corner, one-pixel rings, about one sample per pixel on the outer ring). A rotation
+    about the centres is then a circular shift along the angle axis, so each sum the NCC needs
+    (source x target, source x target-grid indicator, source squared x indicator) is a circular
+    cross-correlation per ring, weighted by the ring's area and summed over rings before one
+    inverse FFT. Angles between samples are read by linear interpolation of those sums."""
+    device = target.device
+    exact = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+    h, w = target.shape[-2:]
+    corners = np.array([[0, 0], [0, w - 1], [h - 1, 0], [h - 1, w - 1]], dtype=np.float64)
+    radius = float(np.linalg.norm(corners - np.asarray(center_t, dtype=np.float64), axis=1).max()) + 1.0
+    n_rings = int(np.ceil(radius))
+    n_angles = POLAR_ANGLE_QUANTUM * int(np.ceil(2 * np.pi * radius / POLAR_ANGLE_QUANTUM))
+    rings = (torch.arange(n_rings, device=device, dtype=exact) + 0.5) * (radius / n_rings)
+    phi = torch.arange(n_angles, device=device, dtype=exact) * (2 * np.pi / n_angles)
+    unit_r, unit_c = torch.cos(phi), torch.sin(phi)
+
+    def polar(image, centre):
+        ih, iw = image.shape[-2:]
+        rows = float(centre[0]) + rings[:, None] * unit_r[None, :]
+        cols = float(centre[1]) + rings[:, None] * unit_c[None, :]
+        grid = torch.stack((2.0 * cols / max(iw - 1, 1) - 1.0, 2.0 * rows / max(ih - 1, 1) - 1.0), dim=-1)
+        return sample_grid(image, grid[None].float())[0]  # (C, rings, angles)
+
+    inside = torch.ones((1, 1, h, w), device=device, dtype=target.dtype)
+    tgt_polar = polar(torch.cat([target, inside], dim=1), center_t).to(exact)  # target, its grid's indicator
+    src_polar = polar(source, center_s)[0].to(exact)
+    weights = (rings * (radius / n_rings) * (2 * np.pi / n_angles))[:, None]  # ring area per sample
+    b, m = tgt_polar[0], tgt_polar[1]
+    f_a, f_aa = torch.fft.rfft(src_polar, dim=-1), torch.fft.rfft(src_polar * src_polar, dim=-1)
+    f_b, f_m = torch.fft.rfft(b * weights, dim=-1), torch.fft.rfft(m * weights, dim=-1)
+    # sum_phi A(phi + theta) B(phi) for every theta: ifft(F(A) conj(F(B))), summed over rings first
+    sums = torch.fft.irfft(torch.stack([(f_a * f_b.conj()).sum(0), (f_a * f_m.conj()).sum(0),
+                                        (f_aa * f_m.conj()).sum(0)]), n=n_angles, dim=-1)
+    count, sum_b, sum_bb = float((m * weights).sum()), float((b * weights).sum()), float((b * b * weights).sum())
+    position = (np.asarray(angles_deg, dtype=np.float64) % 360.0) / 360.0 * n_angles
+    low = np.floor(position).astype(np.int64)
+    frac = torch.as_tensor(position - low, device=device, dtype=exact)
+    low_t = torch.as_tensor(low % n_angles, device=device)
+    at = sums[:, low_t] * (1 - frac) + sums[:, (low_t + 1) % n_angles] * frac
+    s_ab, s_a, s_aa = at[0], at[1], at[2]
+    num = s_ab - s_a * sum_b / count
+    den = torch.sqrt(((s_aa - s_a * s_a / count) * (sum_bb - sum_b * sum_b / count)).clamp_min(0)).clamp_min(1e-6)
+    return (num / den).float().cpu().numpy()
+
+
+def _grid_angle_scores(source, target, angles_deg, center_t, center_s, batch_size, device, progress, stage_total, done):
+    """NCC of ``target`` against ``source`` rotated by each angle, warped in batches on ``device``."""
     h, w = target.shape[-2:]
     grid = identity_grid((h, w), device=device)  # (2, H, W)
     rel = grid - torch.as_tensor(center_t, dtype=torch.float32, device=device).view(2, 1, 1)
@@ -189,7 +265,7 @@ def _search(src, tgt, c_t_small, c_s_small, count, config, device, progress, tot
     """Coarse rotation search, then each of the best distinct peaks re-centred and refined:
     ``(angles, scores, [(angle, score, source centre (small grid)) per peak], done)``."""
     angles = np.arange(0.0, 360.0, config.angle_step)
-    scores, done = _score_angles(src, tgt, angles, c_t_small, c_s_small, config.batch_size, device, progress, total, done)
+    scores, done = _score_angles(src, tgt, angles, c_t_small, c_s_small, config, device, progress, total, done)
     peaks = distinct_peaks(angles, scores, max(1, count), config.peak_separation)
     refine = _refine_offsets(config)
     found = []
@@ -200,7 +276,10 @@ def _search(src, tgt, c_t_small, c_s_small, count, config, device, progress, tot
             # degree; re-centre by phase correlation at the coarse angle, then search finely.
             centre = _recentre(src, tgt, coarse, c_t_small, c_s_small)
             fine = coarse + refine
-            fine_scores, done = _score_angles(src, tgt, fine, c_t_small, centre, config.batch_size, device, progress, total, done)
+            # The few fine angles are warped (the pixel sums themselves): the polar scores differ
+            # from them by up to 0.02, enough to move a fine peak by a quarter degree.
+            fine_scores, done = _score_angles(src, tgt, fine, c_t_small, centre, config, device, progress, total, done,
+                                              method="grid")
             k = int(np.argmax(fine_scores))
             found.append((float(fine[k] % 360.0), float(fine_scores[k]), centre))
         else:

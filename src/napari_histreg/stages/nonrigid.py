@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..conventions import ALIGN_CORNERS, compose, resize_field, to_tensor, warp
 from ..progress import ProgressCallback, report
-from ..similarity import curvature, diffusion, local_ncc, local_ncc_fast
+from ..similarity import curvature, diffusion, fixed_local_stats, local_ncc, local_ncc_to_fixed
 from .preprocess import level_shape as _level_shape
 from .preprocess import resample
 
@@ -208,6 +208,7 @@ def dense_nonrigid(
             groups.append({"params": coarse, "lr": config.coarse_learning_rate})
             tgt_centred = _centred(tgt)
         optimiser = torch.optim.Adam(groups, lr=config.learning_rate)
+        tgt_stats = fixed_local_stats(tgt, config.window)  # the target's half of the local NCC, once per level
         for _ in range(iterations):
             optimiser.zero_grad()
             dense = _upsample_params(residual, lshape)
@@ -215,7 +216,7 @@ def dense_nonrigid(
             for c in coarse:
                 field = field + _upsample_params(c, lshape)
             warped = warp(src, field)
-            loss = -local_ncc_fast(warped, tgt, config.window).mean() + weight * diffusion(dense).mean()
+            loss = -local_ncc_to_fixed(warped, tgt_stats, config.window).mean() + weight * diffusion(dense).mean()
             if coarse:
                 coarse_weight = config.coarse_regularisation * _dissimilarity(warped, tgt, tgt_centred)
                 loss = loss + coarse_weight * sum(_grid_diffusion(c, lshape).mean() for c in coarse)
