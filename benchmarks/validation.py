@@ -238,6 +238,19 @@ def score(result, pair) -> dict:
     return score_pair(result, LandmarkPair.from_points(pair["source_rc"], pair["target_rc"], pair["target"].shape))
 
 
+def confidence_measures(result) -> dict:
+    """The result's landmark-free confidence measures (``m_<name>`` columns) and whether the
+    affine check kept the affine stage's start: what the confidence's ramps are set from."""
+    measures = result.confidence.get("measures", {})
+    row = {f"m_{name}": measures.get(name) for name in MEASURE_COLUMNS}
+    row["m_affine_kept_start"] = int(result.info.get("affine_check", {}).get("kept") == "start")
+    return row
+
+
+#: the measures of :mod:`napari_histreg.confidence` written as ``m_<name>`` columns
+MEASURE_COLUMNS = ("margin", "affine_local_ncc", "final_local_ncc", "gain", "folded", "overlap", "agreeing", "disputed")
+
+
 def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> list[dict]:
     from napari_histreg.config import apply_overrides
     from napari_histreg.pipeline import Pipeline, RegistrationConfig
@@ -252,7 +265,7 @@ def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> l
             result = pipeline.run(pair["source"], pair["target"])
             seconds = time.perf_counter() - start
             row = {"method": name, "pair": pair["name"], "variant": pair.get("variant", "standard"), "seconds": seconds,
-                   **score(result, pair)}
+                   **score(result, pair), **confidence_measures(result)}
             rows.append(row)
             if not quiet:
                 print(f"{name:18s} {pair['name']:42s} MrTRE {row['MrTRE']:.5f}  mean {row['mean_rTRE']:.5f}  "

@@ -318,12 +318,18 @@ def main(argv=None) -> int:
     finally:
         if not args.keep and args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
+    return finish(numbers, args.json, args.max_memory_mb)
+
+
+def finish(numbers: dict, json_path, max_memory_mb: float) -> int:
+    """Print the numbers (and write them to ``json_path``) with the peak memory against its
+    limit; the exit code: 1 above the limit."""
     numbers["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(numbers, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    ok = numbers["peak_rss_mb"] <= args.max_memory_mb
-    print(f"peak resident memory {numbers['peak_rss_mb']:.0f} MiB: {'OK' if ok else 'ABOVE'} the limit of {args.max_memory_mb:.0f} MiB")
+    if json_path:
+        Path(json_path).write_text(json.dumps(numbers, indent=2) + "\n")
+    ok = numbers["peak_rss_mb"] <= max_memory_mb
+    print(f"peak resident memory {numbers['peak_rss_mb']:.0f} MiB: {'OK' if ok else 'ABOVE'} the limit of {max_memory_mb:.0f} MiB")
     return 0 if ok else 1
 
 

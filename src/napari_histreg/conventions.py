@@ -45,6 +45,7 @@ __all__ = [
     "compose",
     "default_device",
     "field_between_frames",
+    "compose_between_frames",
     "field_to_grid",
     "identity_grid",
     "invert_field",
@@ -478,3 +479,34 @@ def field_between_frames(
     u = sample(working_field.reshape(1, 2, *working_field.shape[-2:]), grid, padding_mode="border")[0].permute(1, 2, 0)
     s = source_frame.to_original(q + u)
     return (s - p).permute(2, 0, 1).contiguous()
+
+
+def compose_between_frames(
+    outer_field: torch.Tensor,
+    outer_source_frame: Frame,
+    inner_field: torch.Tensor,
+    inner_target_frame: Frame,
+) -> torch.Tensor:
+    """The backward field of two registrations chained through the image they share.
+
+    ``outer`` registers an image ``B`` onto ``C`` (its working field, ``(2, H, W)`` on its
+    grid, maps ``C``'s working pixels to ``B``'s working pixels of that grid, ``outer_source_frame``
+    is ``B``'s frame there); ``inner`` registers ``A`` onto ``B`` (``inner_field`` on its own
+    grid, ``inner_target_frame`` is ``B``'s frame there). The result, on ``outer``'s grid, maps
+    each working pixel ``p`` of ``C`` to ``A``'s working pixels of ``inner``'s grid:
+
+    ``q = p + u_outer(p)`` (``B``, outer grid) -> ``B`` original pixels -> ``q' `` (``B``, inner
+    grid) -> ``q' + u_inner(q')``, and the field is that minus ``p``: the rule
+    ``u_total(p) = v(p) + u(p + v(p))`` of :func:`compose` with a change of frame in the middle.
+    Its target frame is ``outer``'s, its source frame ``inner``'s. Beyond ``inner``'s grid the
+    field is held at its border value.
+
+    Convention: backward fields in working pixels, channel 0 = rows (module docstring).
+    """
+    h, w = outer_field.shape[-2:]
+    grid = identity_grid((h, w), device=outer_field.device, dtype=outer_field.dtype)
+    q = (grid + outer_field).permute(1, 2, 0)  # (H, W, 2): B in the outer grid's working pixels
+    q_inner = inner_target_frame.to_working(outer_source_frame.to_original(q))
+    normalised = pixels_to_normalised(q_inner, inner_field.shape[-2:]).unsqueeze(0).to(inner_field.dtype)
+    u = sample(inner_field.reshape(1, 2, *inner_field.shape[-2:]), normalised, padding_mode="border")[0].permute(1, 2, 0)
+    return (q_inner + u - grid.permute(1, 2, 0)).permute(2, 0, 1).contiguous()

@@ -329,7 +329,7 @@ class Pipeline:
         if self.nonrigid is not None:
             field = timed("nonrigid", lambda: np.asarray(self.nonrigid(src, tgt, field, progress), dtype=np.float32))
         start = time.perf_counter()
-        info["confidence"] = judge(measure(src, tgt, field, matrix, info.get("initial"), self.device))
+        info["confidence"] = judge(measure(src, tgt, field, matrix, info.get("initial"), self.device, info.get("affine_check")))
         timings["confidence"] = round(time.perf_counter() - start, 4)
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix

@@ -64,15 +64,19 @@ class RegistrationResult:
     def target_shape(self) -> tuple[int, int]:
         return self.target_frame.original_shape
 
-    def _frames_for(self, source_shape=None):
+    def _frames_for(self, source_shape=None, target_shape=None):
         """Frames for a source image of ``source_shape`` (any resolution of the registered one)
-        and the target grid at the same resolution ratio."""
-        if source_shape is None:
+        and the target grid at the same resolution ratio, or of ``target_shape`` when given."""
+        if source_shape is None and target_shape is None:
             return self.source_frame, self.target_frame
-        source_shape = tuple(int(s) for s in source_shape[:2])
-        ratio = (source_shape[0] / self.source_shape[0], source_shape[1] / self.source_shape[1])
-        target_shape = (max(1, round(self.target_shape[0] * ratio[0])), max(1, round(self.target_shape[1] * ratio[1])))
-        return self.source_frame.at_shape(source_shape), self.target_frame.at_shape(target_shape)
+        source_frame = self.source_frame
+        if source_shape is not None:
+            source_shape = tuple(int(s) for s in source_shape[:2])
+            source_frame = self.source_frame.at_shape(source_shape)
+            if target_shape is None:
+                ratio = (source_shape[0] / self.source_shape[0], source_shape[1] / self.source_shape[1])
+                target_shape = (max(1, round(self.target_shape[0] * ratio[0])), max(1, round(self.target_shape[1] * ratio[1])))
+        return source_frame, self.target_frame.at_shape(tuple(int(s) for s in target_shape[:2]))
 
     # ------------------------------------------------------------------ fields
     def field(self, source_shape=None, device=None) -> np.ndarray:
@@ -82,9 +86,11 @@ class RegistrationResult:
         wf = to_tensor(self.working_field, device=device)
         return field_between_frames(wf, target_frame, source_frame).cpu().numpy()
 
-    def warp(self, image: np.ndarray, order: int = 1, cval: float = 0.0, device=None) -> np.ndarray:
+    def warp(self, image: np.ndarray, order: int = 1, cval: float = 0.0, device=None, target_shape=None) -> np.ndarray:
         """Warp ``image`` of the source (``(H, W)`` or ``(H, W, C)``, any resolution of the
         registered source) onto the target grid at the same resolution; dtype is kept.
+        ``target_shape``: the ``(H, W)`` of the output grid instead (the target at another
+        resolution: a stack's sections onto one grid).
 
         ``order=0`` is nearest neighbour (labels), ``1`` bilinear. The output is computed in row
         strips (:func:`napari_histreg.tiled.warp_block`, the same code as the whole-slide warp),
@@ -97,7 +103,7 @@ class RegistrationResult:
             raise ValueError(f"expected (H, W) or (H, W, C) image, got shape {image.shape}")
         if order not in (0, 1):
             raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), not {order}")
-        source_frame, target_frame = self._frames_for(image.shape[:2])
+        source_frame, target_frame = self._frames_for(image.shape[:2], target_shape)
         working_field = to_tensor(self.working_field, device=device)
         h, w = target_frame.original_shape
         channels = image.shape[2] if image.ndim == 3 else None
@@ -214,6 +220,14 @@ class RegistrationResult:
         """The thumbnail of the registered source kept in ``info`` (see :func:`fingerprint`)."""
         data = self.info.get("source_fingerprint") if isinstance(self.info, dict) else None
         return None if data is None else decode_fingerprint(data)
+
+
+def background_value(image: np.ndarray) -> float:
+    """Fill value for pixels warped in from outside the image: the median of its outermost
+    pixels (white glass for brightfield RGB, ~0 for fluorescence)."""
+    image = np.asarray(image)
+    border = np.concatenate([image[0].ravel(), image[-1].ravel(), image[:, 0].ravel(), image[:, -1].ravel()])
+    return float(np.median(border))
 
 
 #: keys a transform sidecar must hold

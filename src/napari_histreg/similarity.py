@@ -90,6 +90,25 @@ def diffusion(field: torch.Tensor) -> torch.Tensor:
     return (d_row.pow(2).mean(dim=(1, 2, 3)) + d_col.pow(2).mean(dim=(1, 2, 3)))
 
 
+def jacobian_determinant(field: torch.Tensor) -> torch.Tensor:
+    """``(B, H-1, W-1)`` Jacobian determinant of the map ``p -> p + field(p)`` of a ``(B, 2, H, W)``
+    pixel field (channel 0 = rows), from forward differences.
+
+    Convention: fields are backward and in pixels (:mod:`napari_histreg.conventions`)."""
+    d_row = field[:, :, 1:, :-1] - field[:, :, :-1, :-1]  # d(u_r, u_c) / d row
+    d_col = field[:, :, :-1, 1:] - field[:, :, :-1, :-1]  # d(u_r, u_c) / d col
+    return (1.0 + d_row[:, 0]) * (1.0 + d_col[:, 1]) - d_col[:, 0] * d_row[:, 1]
+
+
+def folding(field: torch.Tensor, orientation: float = 1.0, floor: float = 0.2) -> torch.Tensor:
+    """Per batch item, the mean of ``relu(floor - det J)^2`` over the grid, ``det J`` the
+    :func:`jacobian_determinant` times ``orientation`` (the sign of the affine part's
+    determinant: a mirrored section is turned over everywhere, not folded). Zero wherever the
+    map keeps at least ``floor`` of the local area; grows as it nears a fold (``det J <= 0``)."""
+    det = jacobian_determinant(field) * (1.0 if orientation >= 0 else -1.0)
+    return torch.relu(floor - det).pow(2).mean(dim=(1, 2))
+
+
 def curvature(field: torch.Tensor) -> torch.Tensor:
     """Mean squared Laplacian of a ``(B, 2, H, W)`` field, per batch item (curvature regulariser)."""
     lap = (

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..result import background_value  # noqa: F401 (re-exported for the transform layers)
+
 LayerDataTuple = tuple  # (data, kwargs, layer_type)
 
 #: longer side of the grid the displacement preview (vectors, magnitude, Jacobian) is computed on
@@ -364,14 +366,6 @@ def jacobian_determinant(field: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- results
-def background_value(image: np.ndarray) -> float:
-    """Fill value for pixels warped in from outside the image: the median of its outermost
-    pixels (white glass for brightfield RGB, ~0 for fluorescence)."""
-    image = np.asarray(image)
-    border = np.concatenate([image[0].ravel(), image[-1].ravel(), image[:, 0].ravel(), image[:, -1].ravel()])
-    return float(np.median(border))
-
-
 def warped_name(source_name: str) -> str:
     return f"{source_name} registered"
 

@@ -7,7 +7,7 @@ Exit codes (also in the README):
   an input or data that is not an earlier histreg output, an unavailable device, a slide that
   is not the one a transform was made for, ...): one line ``histreg: error: <file>: <problem>``
   on stderr, no traceback, nothing written;
-* 3: ``evaluate`` / ``register-batch`` ran every pair but some failed (the count is printed;
+* 3: ``evaluate`` / ``register-batch`` / ``register-stack`` ran every pair (section) but some failed (the count is printed;
   each failure is in ``pairs.csv`` / ``batch.csv``);
 * 130: interrupted (no partial outputs are left, except a resumable ``OUT.partial`` of ``warp``);
 * 1: anything else (a bug: ``--debug`` shows the traceback).
@@ -34,6 +34,9 @@ commands:
              OME-Zarr pyramid (and optionally a pyramidal OME-TIFF)
   register-batch
              register every pair of a CSV (images or whole slides) on a dask cluster
+  register-stack
+             register a stack of serial sections (a CSV, in stack order) into the frame of
+             one reference section, composing neighbour registrations
   train      train one of the networks (segmentation, affine, nonrigid) from images,
              without landmarks
 
@@ -55,6 +58,7 @@ from .common import (  # noqa: F401 (the exit codes)
 from .pairs import cmd_convert, cmd_demo, cmd_evaluate, cmd_register
 from .whole_slides import _add_scheduler_options, _add_slide_commands
 from .train import _add_train_command
+from .stack import _add_stack_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     _add_slide_commands(sub)  # whole-slide / dask additions (see the end of this module)
     _add_train_command(sub)  # `histreg train` (see the end of this module)
+    _add_stack_command(sub)  # `histreg register-stack` (cli/stack.py)
     return parser
 
 

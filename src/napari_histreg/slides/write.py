@@ -46,12 +46,15 @@ class OmeZarrWriter:
     """
 
     def __init__(self, path, shape, channels: int | None, dtype, *, chunk: int = DEFAULT_CHUNK,
-                 min_size: int = DEFAULT_MIN_SIZE, fill_value=0, name: str = "image", compressor: Any = "default"):
+                 min_size: int = DEFAULT_MIN_SIZE, fill_value=0, name: str = "image", compressor: Any = "default",
+                 planes: int | None = None):
         import zarr
 
         self.path = Path(path)
         self.shape = (int(shape[0]), int(shape[1]))
         self.channels = channels
+        #: a z axis of this many planes (a stack of sections), stored ``([c,] z, y, x)``; None: 2D
+        self.planes = int(planes) if planes else None
         self.dtype = np.dtype(dtype)
         self.chunk = int(chunk)
         self.name = name
@@ -59,9 +62,10 @@ class OmeZarrWriter:
         self.fill_value = np.array(fill_value).astype(self.dtype).item()
         self.group = zarr.open_group(str(self.path), mode="a", zarr_format=2)
         self.arrays = []
+        z = (self.planes,) if self.planes else ()
         for k, (h, w) in enumerate(self.shapes):
-            full = ((channels,) if channels else ()) + (h, w)
-            chunks = ((channels,) if channels else ()) + (min(self.chunk, h), min(self.chunk, w))
+            full = ((channels,) if channels else ()) + z + (h, w)
+            chunks = ((channels,) if channels else ()) + ((1,) if self.planes else ()) + (min(self.chunk, h), min(self.chunk, w))
             key = str(k)
             if key in self.group:
                 array = self.group[key]
@@ -76,12 +80,16 @@ class OmeZarrWriter:
             self.arrays.append(array)
 
     # ------------------------------------------------------------------ writing
-    def write(self, level: int, rows: slice, cols: slice, block: np.ndarray) -> None:
-        """Store ``block`` (``(h, w)`` or ``(h, w, C)``) at ``[rows, cols]`` of ``level``."""
-        if self.channels:
-            self.arrays[level][:, rows, cols] = np.moveaxis(block, -1, 0)
-        else:
-            self.arrays[level][rows, cols] = block
+    def _index(self, plane: int | None, rows: slice, cols: slice) -> tuple:
+        if (plane is None) != (self.planes is None):
+            raise ValueError("give a plane exactly when the image has a z axis")
+        return ((slice(None),) if self.channels else ()) + ((plane,) if self.planes else ()) + (rows, cols)
+
+    def write(self, level: int, rows: slice, cols: slice, block: np.ndarray, plane: int | None = None) -> None:
+        """Store ``block`` (``(h, w)`` or ``(h, w, C)``) at ``[rows, cols]`` of ``level`` (of z
+        ``plane`` for an image with a z axis)."""
+        index = self._index(plane, rows, cols)
+        self.arrays[level][index] = np.moveaxis(block, -1, 0) if self.channels else block
 
     def blocks(self, level: int, size: int | None = None) -> list[tuple[slice, slice]]:
         """The ``(rows, cols)`` blocks of ``level`` on a grid of ``size`` (a multiple of the chunk)."""
@@ -91,24 +99,26 @@ class OmeZarrWriter:
 
     def build_pyramid(self, workers: int = 1, progress: ProgressCallback = None, partial: PartialOutput | None = None) -> None:
         """Fill levels 1.. from level 0, chunk by chunk (2x2 means)."""
-        total = sum(len(self.blocks(k)) for k in range(1, len(self.shapes)))
+        total = sum(len(self.blocks(k)) for k in range(1, len(self.shapes))) * (self.planes or 1)
         done = 0
         report(progress, "pyramid", 0, total, f"{len(self.shapes) - 1} levels")
         for k in range(1, len(self.shapes)):
             blocks = self.blocks(k)
+            if self.planes:  # every plane's blocks
+                blocks = [(z, rows, cols) for z in range(self.planes) for rows, cols in blocks]
             if partial is not None and partial.is_done(f"pyramid {k}"):
                 done += len(blocks)
                 continue
             source, target = self.arrays[k - 1], self.arrays[k]
 
             def one(block, source=source, target=target):
-                rows, cols = block
+                plane, rows, cols = block if self.planes else (None, *block)
                 src_rows = slice(2 * rows.start, 2 * rows.stop)
                 src_cols = slice(2 * cols.start, 2 * cols.stop)
-                data = source[(slice(None),) * bool(self.channels) + (src_rows, src_cols)]
+                data = source[self._index(plane, src_rows, src_cols)]
                 data = data if self.channels else data[None]
                 mean = _mean2(data, self.dtype)
-                target[(slice(None),) * bool(self.channels) + (rows, cols)] = mean if self.channels else mean[0]
+                target[self._index(plane, rows, cols)] = mean if self.channels else mean[0]
 
             def finished(block, _):
                 nonlocal done
@@ -122,13 +132,14 @@ class OmeZarrWriter:
 
     # ------------------------------------------------------------------ metadata
     def metadata(self, extra: dict | None = None) -> dict:
-        axes = ([{"name": "c", "type": "channel"}] if self.channels else []) + [
+        axes = ([{"name": "c", "type": "channel"}] if self.channels else []) + (
+            [{"name": "z", "type": "space"}] if self.planes else []) + [
             {"name": "y", "type": "space"}, {"name": "x", "type": "space"},
         ]
         datasets = []
         for k in range(len(self.shapes)):
             f = float(2**k)
-            scale = ([1.0] if self.channels else []) + [f, f]
+            scale = ([1.0] if self.channels else []) + ([1.0] if self.planes else []) + [f, f]
             datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
         from .. import __version__
 

@@ -80,7 +80,8 @@ class InitialAlignment:
     #: every hypothesis: label, angle, mirrored, search score, local NCC after the short affine
     hypotheses: list = dataclasses.field(default_factory=list)
     chosen: str = ""  # the label of the hypothesis whose start is handed on
-    #: local NCC of the chosen hypothesis minus that of the best one that ends elsewhere (nan: none)
+    #: local NCC of the chosen hypothesis minus that of the best one that ends clearly elsewhere
+    #: (:data:`ELSEWHERE`; nan: none)
     margin: float = float("nan")
     #: how many hypotheses ended where the chosen one did (itself included)
     agreeing: int = 1
@@ -331,6 +332,10 @@ def _local_scores(source, target, matrices, config, device) -> np.ndarray:
     return (cc * inside).mean(dim=(1, 2, 3)).cpu().numpy()
 
 
+#: hypotheses ending further apart than this share of the diagonal are rival placements (the margin's)
+ELSEWHERE = 0.05
+
+
 def same_place(a: np.ndarray, b: np.ndarray, shape, tolerance: float = 0.02) -> bool:
     """Whether two 2x3 backward affines send the grid's points to within ``tolerance`` of the
     diagonal of each other (median over a coarse grid)."""
@@ -427,7 +432,12 @@ def initial_alignment(
     if trusted:
         best = max(trusted, key=lambda k: candidates[k].inliers)
     others = [k for k in range(len(candidates)) if not same_place(polished[k], polished[best], (h, w))]
-    margin = float(local[best] - max(local[k] for k in others)) if others else float("nan")
+    # The margin (a confidence measure) is taken over the hypotheses that ended clearly elsewhere:
+    # on a stretched pair a rigid peak polished by the short affine ends a few percent of the
+    # diagonal from the feature match that found the stretch, a worse fit of the same answer,
+    # not a rival placement.
+    elsewhere = [k for k in others if not same_place(polished[k], polished[best], (h, w), ELSEWHERE)]
+    margin = float(local[best] - max(local[k] for k in elsewhere)) if elsewhere else float("nan")
     # What the affine stage starts from: of the hypotheses that ended where the chosen one did,
     # the rotation search's best-scored start, unpolished (the short affine judges, the affine
     # stage aligns: where the search's argmax was right this is exactly the start it always
@@ -443,6 +453,7 @@ def initial_alignment(
          "search_ncc": None if not np.isfinite(c.search_ncc) else round(float(c.search_ncc), 5),
          "local_ncc": round(float(local[k]), 5),
          "agrees": k in group,  # ended where the decisive one did
+         "elsewhere": k in elsewhere,  # ended clearly elsewhere: a rival placement
          "decisive": k == best}  # the highest local NCC, or the trusted feature match
         for k, c in enumerate(candidates)
     ]
