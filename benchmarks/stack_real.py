@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stacks", default="grey,rgb")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-composition", action="store_true", help="skip the i -> j composition check")
+    parser.add_argument("--refine", action="store_true", help="also the stack with the final direct refinement")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     from napari_histreg import RegistrationConfig
@@ -98,9 +99,10 @@ def main(argv=None) -> int:
         landmarks = [Landmarks.read(p.with_suffix(".csv")) for p in paths]
         names = [p.name for p in paths]
         entry: dict = {"sections": names}
-        for method, direct in (("neighbours", False), ("direct", True)):
+        methods = (("neighbours", False, False), ("direct", True, False)) + ((("refined", False, True),) if args.refine else ())
+        for method, direct, refine in methods:
             start = time.perf_counter()
-            stack = register_stack(images, config=config, direct=direct, names=names, threads=args.threads)
+            stack = register_stack(images, config=config, direct=direct, refine=refine, names=names, threads=args.threads)
             seconds = time.perf_counter() - start
             errors = section_errors(stack, images, landmarks)
             mr = [e["MrTRE"] for e in errors.values()]

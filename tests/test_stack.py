@@ -125,6 +125,17 @@ def test_stack_saves_and_loads_with_the_same_maps(registered, tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
+def test_refine_registers_far_sections_once_more_to_the_reference(known_stack):
+    """refine=True: section 0 (two steps from the reference) gets a direct non-rigid refinement
+    chained onto its composed transform; its map stays right, its neighbour's is untouched."""
+    images, to_base = known_stack
+    stack = register_stack(images, config=FAST, refine=True, threads=1)
+    assert stack.to_reference(0).info.get("refined") and not stack.to_reference(1).info.get("refined")
+    points = _points_inside()
+    mapped = stack.map_points(points, 0, 2)
+    assert np.median(np.linalg.norm(mapped - _true_map(to_base, 0, 2, points), axis=1)) < 2.0
+
+
 def test_direct_mode_registers_every_section_to_the_reference(known_stack):
     images, to_base = known_stack
     stack = register_stack(images[:3], reference=0, config=FAST, direct=True, threads=1)

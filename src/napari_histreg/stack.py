@@ -345,6 +345,7 @@ def register_stack(
     *,
     direct: bool = False,
     skip_failed: bool = False,
+    refine: bool = False,
     names: Sequence[str] | None = None,
     device=None,
     threads=None,
@@ -361,7 +362,10 @@ def register_stack(
     sections are in stack order.
     ``direct``: register every section straight to the reference instead of to its neighbour.
     ``skip_failed``: leave sections whose registration is flagged ``check`` out of the
-    composition (their neighbours are registered across the gap). ``workers`` > 1 or a dask
+    composition (their neighbours are registered across the gap). ``refine``: a final direct
+    refinement of every section not next to the reference (:func:`refine_to_reference`: the
+    section as composed, registered onto the reference by the non-rigid stage alone, against
+    drift along the chain). ``workers`` > 1 or a dask
     ``scheduler`` address: the independent pair registrations run in parallel (dask worker
     processes, one torch thread each unless ``threads`` says otherwise); with ``skip_failed``
     the chains are followed one section at a time, since each next pair depends on whether the
@@ -375,7 +379,7 @@ def register_stack(
         raise HistRegInputError(f"a stack needs at least two sections, got {len(images)}")
     if names is not None and len(names) != len(images):
         raise ValueError(f"names: expected {len(images)}, got {len(names)}")
-    info: dict = {"method": "direct" if direct else "neighbours", "skip_failed": bool(skip_failed)}
+    info: dict = {"method": "direct" if direct else "neighbours", "skip_failed": bool(skip_failed), "refine": bool(refine)}
     if order is not None and isinstance(order, str):
         if order != "auto":
             raise ValueError(f"order must be a list of indices or 'auto', not {order!r}")
@@ -453,6 +457,12 @@ def register_stack(
                 elif sections[k].flag == "check":
                     sections[k].flag = "skipped"
     _compose(sections, reference)
+    if refine and not direct:
+        for s in sections:
+            if s.transform is not None and s.index != reference and s.registered_to != reference:
+                report(progress, "stack", done * 100, (n - 1) * 100, f"refining section {s.index} ({s.name})")
+                s.transform = refine_to_reference(s.transform, _in_memory(images[s.index]), _in_memory(images[reference]),
+                                                  config, device, threads)
     for s in sections:
         if s.flag in ("check", "skipped", "failed"):
             from .pipeline import RegistrationNeedsCheck
@@ -491,3 +501,45 @@ def _run_pairs(images, calls, config, device, threads, workers, scheduler, progr
         return _run(client, _pair_task,
                     [(images[k], images[anchor], config, device_name, threads or 1, names[m]) for m, (k, anchor) in enumerate(calls)],
                     lambda m, err: (None, [], f"{type(err).__name__}: {err}"), None, names)
+
+
+def refine_to_reference(transform: RegistrationResult, section, reference, config=None, device=None,
+                        threads=None) -> RegistrationResult:
+    """``transform`` (``section`` onto the reference, composed along a chain) refined by a direct
+    registration: the section warped onto the reference by ``transform``, at the resolution the
+    registration reads it, registered onto ``reference`` by the non-rigid stage alone (no
+    initial search, no affine: what is left is drift, small and smooth), and the two chained.
+    Arrays only (a whole slide would be read at its working level)."""
+    import dataclasses as dc
+
+    from .config import RegistrationConfig
+    from .pipeline import register
+
+    config = dc.replace(config or RegistrationConfig(), use_initial=False, use_affine=False)
+    section, reference = np.asarray(section), np.asarray(reference)
+    warped = transform.warp(section, cval=_background(section), target_shape=reference.shape[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        residual = register(warped, reference, config, device=device, threads=threads)
+    refined = chain(residual, transform)
+    refined.info["refined"] = True
+    return refined
+
+
+def _in_memory(image) -> np.ndarray:
+    """An array of a section for the refinement: paths are read whole (a slide too large for that
+    is refused with a message that names it: refine a whole-slide stack on a pyramid level)."""
+    if _is_lazy(image):
+        from .io import read_image
+        from .slides import Slide
+
+        if isinstance(image, Slide):
+            return np.asarray(image.read(0))
+        return read_image(image)
+    return np.asarray(image)
+
+
+def _background(image) -> float:
+    from .result import background_value
+
+    return background_value(image)

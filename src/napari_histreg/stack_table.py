@@ -172,6 +172,7 @@ def register_stack_table(
     reference: int | None = None,
     direct: bool = False,
     skip_failed: bool = False,
+    refine: bool = False,
     order=None,
     device=None,
     threads=None,
@@ -197,7 +198,7 @@ def register_stack_table(
     check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
     start = time.perf_counter()
     stack = register_stack(_images(rows), reference=reference, order=order, config=config, direct=direct,
-                           skip_failed=skip_failed, names=[Path(r.image).name for r in rows], device=device,
+                           skip_failed=skip_failed, refine=refine, names=[Path(r.image).name for r in rows], device=device,
                            threads=threads, workers=workers, scheduler=scheduler, progress=progress)
     if stack.info.get("order"):
         rows = [rows[k] for k in stack.info["order"]]

@@ -37,6 +37,9 @@ def _add_stack_command(sub) -> None:
     p.add_argument("--direct", action="store_true", help="register every section straight to the reference")
     p.add_argument("--skip-failed", action="store_true",
                    help="leave sections flagged 'check' out of the composition (their neighbours are registered across the gap)")
+    p.add_argument("--refine", action="store_true",
+                   help="refine each section not next to the reference by a direct non-rigid registration to it "
+                   "(against drift along the chain; it did not help on the development stacks, see the README)")
     p.add_argument("--auto-order", action="store_true",
                    help="the rows are not in stack order: estimate the order from the sections' similarity (reported)")
     p.add_argument("--preview-size", type=_positive_int, default=1024, metavar="PX",
@@ -59,7 +62,7 @@ def cmd_register_stack(args) -> int:
     with StageProgress(disable=args.quiet) as progress:
         stack, rows, summary = register_stack_table(
             args.table, args.output, _config(args), reference=args.reference, direct=args.direct,
-            skip_failed=args.skip_failed, order="auto" if args.auto_order else None, device=args.device,
+            skip_failed=args.skip_failed, refine=args.refine, order="auto" if args.auto_order else None, device=args.device,
             threads=args.threads, workers=args.workers or 1, scheduler=args.scheduler, preview_size=args.preview_size,
             warp=args.warp, tile=args.tile, overwrite=args.overwrite, progress=progress,
         )
