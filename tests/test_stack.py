@@ -284,3 +284,13 @@ def test_whole_slide_stack_is_written_plane_by_plane_into_one_ome_zarr(tmp_path,
     assert np.abs(planes.astype(int) - expected.astype(int)).max() <= 1
     assert np.asarray(group["1"]).shape == (3, 4, 160, 160)
     assert not (tmp_path / "stack.ome.zarr.partial").exists()
+    # napari's slide reader opens it as one multiscale layer, z = section; the 2D slide path refuses it
+    from napari_histreg._napari.widgets.slide import slide_layer_data
+    from napari_histreg.io import HistRegInputError
+    from napari_histreg.slides import open_slide
+
+    data, meta, kind = slide_layer_data(out)
+    assert kind == "image" and meta["rgb"] and meta["multiscale"] and data[0].shape == (4, 320, 320, 3)
+    np.testing.assert_array_equal(np.asarray(data[0][1]), planes[1])
+    with pytest.raises(HistRegInputError, match="stack of 4 planes"):
+        open_slide(out)

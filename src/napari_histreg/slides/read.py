@@ -458,6 +458,11 @@ def _open_zarr(path: Path, name: str, store_wrapper) -> Slide:
     multiscale = multiscales[0]
     arrays = [opened[d["path"]] for d in multiscale["datasets"]]
     axes = _axes_letters(multiscale, arrays[0].ndim)
+    if "Z" in axes and arrays[0].shape[axes.index("Z")] > 1:
+        raise HistRegInputError(
+            f"{path}: a stack of {arrays[0].shape[axes.index('Z')]} planes (z axis), not one slide; open it in napari "
+            "(one layer, z = section) or read it with napari_histreg.slides.read.zarr_stack_levels"
+        )
     levels = [_to_yxc(_dask_level(a, f"zarr-{path.name}-{k}"), axes, str(path)) for k, a in enumerate(arrays)]
     scales = [_scale_of(d, axes) for d in multiscale["datasets"]]
     if all(s is not None for s in scales) and all(s[0] > 0 and s[1] > 0 for s in scales):
@@ -467,3 +472,28 @@ def _open_zarr(path: Path, name: str, store_wrapper) -> Slide:
     return Slide(levels, downsamples, name=name, path=path, format=f"ome-zarr {version or '?'}")
 
 
+
+
+def zarr_stack_levels(path) -> list | None:
+    """The levels ``(Z, Y, X[, C])`` (dask) of an OME-Zarr with a z axis (a stack of sections, as
+    :func:`napari_histreg.stack_slides.warp_stack` writes), or None for any other image."""
+    import zarr
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    try:
+        opened = zarr.open(str(path), mode="r")
+    except Exception:
+        return None
+    if isinstance(opened, zarr.Array):
+        return None
+    multiscales, _ = _multiscales_of(opened.attrs.asdict())
+    if not multiscales:
+        return None
+    arrays = [opened[d["path"]] for d in multiscales[0]["datasets"]]
+    axes = _axes_letters(multiscales[0], arrays[0].ndim)
+    if "Z" not in axes or not set(axes) <= set("CZYX"):
+        return None
+    order = [axes.index(a) for a in "ZYX"] + ([axes.index("C")] if "C" in axes else [])
+    return [_dask_level(a, f"zarr-{path.name}-{k}").transpose(order) for k, a in enumerate(arrays)]

@@ -31,6 +31,15 @@ __all__ = ["SlideWarpWidget", "get_slide_reader", "read_slide", "slide_layer_dat
 def slide_layer_data(source, name: str | None = None, **kwargs) -> tuple:
     """A ``LayerDataTuple`` of a lazy multiscale image layer for ``source`` (a path, a
     :class:`~napari_histreg.slides.Slide` or an array). ``kwargs`` go to the layer."""
+    if isinstance(source, (str, Path)):
+        from ...slides.read import zarr_stack_levels
+
+        stack = zarr_stack_levels(source)
+        if stack is not None:  # a stack of sections (histreg register-stack --warp): z = section
+            rgb = stack[0].ndim == 4 and stack[0].shape[-1] in (3, 4)
+            meta = {"name": name or Path(source).name, "multiscale": len(stack) > 1, "rgb": rgb,
+                    "metadata": {"napari_histreg_slide": str(source)}, **kwargs}
+            return (stack if len(stack) > 1 else stack[0], meta, "image")
     slide = open_slide(source)
     meta = {
         "name": name or (Path(slide.path).name if slide.path else slide.name),
