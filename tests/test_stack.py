@@ -294,3 +294,16 @@ def test_whole_slide_stack_is_written_plane_by_plane_into_one_ome_zarr(tmp_path,
     np.testing.assert_array_equal(np.asarray(data[0][1]), planes[1])
     with pytest.raises(HistRegInputError, match="stack of 4 planes"):
         open_slide(out)
+
+
+def test_neighbour_pairs_run_in_parallel_on_dask_workers(known_stack, registered):
+    """workers=2: the pair registrations run on a local dask cluster (worker processes) and give
+    the same maps as the in-process run."""
+    images, _ = known_stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationNeedsCheck)
+        parallel = register_stack(images, config=FAST, workers=2, threads=1)
+    assert [s.flag for s in parallel.sections] == [s.flag for s in registered.sections]
+    points = _points_inside()
+    for k in (0, 1, 3):
+        np.testing.assert_allclose(parallel.map_points(points, k, 2), registered.map_points(points, k, 2), atol=0.05)
