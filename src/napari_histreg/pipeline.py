@@ -267,7 +267,9 @@ class Pipeline:
             name: str | None = None) -> RegistrationResult:
         """Register ``source`` onto ``target`` (arrays already validated), on the torch threads
         of :func:`~napari_histreg.threads.choose_threads` (restored afterwards)."""
-        with torch_threads(self.threads) as threads:
+        from .stages.preprocess import level_cache
+
+        with torch_threads(self.threads) as threads, level_cache():
             result = self._run(source, target, progress, name)
         result.info["threads"] = threads
         return result

@@ -29,7 +29,7 @@ from ..conventions import ALIGN_CORNERS, affine_to_field, identity_grid, rotatio
 from ..conventions import sample as sample_grid
 from ..progress import ProgressCallback, report
 from ..similarity import ncc
-from .preprocess import level_shape, resample
+from .preprocess import level_shape, per_run, resample
 
 
 @dataclasses.dataclass
@@ -320,8 +320,11 @@ def _local_scores(source, target, matrices, config, device) -> np.ndarray:
     shape = level_shape((h, w), config.choice_size)
     src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
-    src_box = resample(content_box(source).astype(np.float32), shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
-    tgt_box = resample(content_box(target).astype(np.float32), shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+    def box(image):
+        return per_run(image, "content box", lambda im: content_box(im).astype(np.float32))
+
+    src_box = resample(box(source), shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+    tgt_box = resample(box(target), shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     theta = torch.tensor(np.stack([affine_pixels_to_normalised(m, (h, w)) for m in matrices]), dtype=torch.float32, device=device)
     grid = normalised_affine_grid(theta, shape)
     n = len(matrices)

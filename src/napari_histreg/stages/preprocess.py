@@ -3,6 +3,9 @@ entropy-guided histogram equalisation (Pucci et al. 2024)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import dataclasses
 import math
 
@@ -142,6 +145,25 @@ def level_shape(shape, size: int) -> tuple[int, int]:
     return (max(8, round(h * scale)), max(8, round(w * scale)))
 
 
+#: the resampled levels of one registration (see :func:`level_cache`); None outside one
+_LEVELS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("histreg_levels", default=None)
+
+
+@contextlib.contextmanager
+def level_cache():
+    """Within the block, :func:`resample` keeps what it computes from numpy images, so a level
+    that several stages ask for (the rotation search, the hypotheses' polish, the choice, the
+    affine stage, the affine check and the confidence all resample the same two working images
+    to the same few sizes) is computed once. Keyed by the image object (kept alive by the cache,
+    so its ``id`` cannot be reused), shape, alignment and device: the working images are never
+    modified during a run. :meth:`napari_histreg.Pipeline.run` opens one per registration."""
+    token = _LEVELS.set({})
+    try:
+        yield
+    finally:
+        _LEVELS.reset(token)
+
+
 def resample(
     image: np.ndarray | torch.Tensor, shape: tuple[int, int], device=None, align_corners: bool = False
 ) -> torch.Tensor:
@@ -150,8 +172,38 @@ def resample(
     Gaussian smoothing with ``sigma = ratio / 1.25`` before a bilinear resize. The default
     pixel-centre alignment (``align_corners=False``) matches :class:`Frame`; pyramid levels
     inside a stage use ``conventions.ALIGN_CORNERS`` so that normalised coordinates agree
-    across levels.
+    across levels. Inside :func:`level_cache` a numpy image's levels are computed once; the
+    returned tensor is then shared, so callers never write into it.
     """
+    cache = _LEVELS.get()
+    if cache is not None and isinstance(image, np.ndarray):
+        key = (id(image), tuple(shape), bool(align_corners), str(device))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is image:
+            return hit[1]
+        out = _resample(image, shape, device, align_corners)
+        cache[key] = (image, out)
+        return out
+    return _resample(image, shape, device, align_corners)
+
+
+def per_run(image: np.ndarray, name: str, compute):
+    """``compute(image)``, kept for the rest of the run inside :func:`level_cache` (by the image
+    object and ``name``): for what several stages derive from the same working image (its
+    content box, its tissue mask)."""
+    cache = _LEVELS.get()
+    if cache is None:
+        return compute(image)
+    key = ("derived", id(image), name)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is image:
+        return hit[1]
+    out = compute(image)
+    cache[key] = (image, out)
+    return out
+
+
+def _resample(image, shape, device, align_corners) -> torch.Tensor:
     x = to_tensor(image, device=device)
     squeeze = x.ndim == 2
     if squeeze:
