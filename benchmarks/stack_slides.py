@@ -36,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from whole_slide import Deformation, TissueTexture, finish, peak_rss_mb, render_to_zarr  # noqa: E402
+from whole_slide import (  # noqa: E402
+    Deformation, TissueTexture, clear_output, finish, peak_rss_mb, progress_printer, render_to_zarr,
+)
 
 from napari_histreg import RegistrationConfig  # noqa: E402
 from napari_histreg.stack import register_stack  # noqa: E402
@@ -121,20 +123,10 @@ def main(argv=None) -> int:
               + "; ".join(f"section {k}: rTRE {e['before']:.4f} -> {e['after']:.5f} ({e['flag']})" for k, e in errors.items()),
               flush=True)
 
-        shutil.rmtree(out_path, ignore_errors=True)
-        shutil.rmtree(out_path.with_name(out_path.name + ".partial"), ignore_errors=True)
+        clear_output(out_path)
         t0 = time.perf_counter()
-        last = [0.0]
-
-        def progress(event):
-            now = time.perf_counter()
-            if now - last[0] > 20 or event.step == event.total:
-                last[0] = now
-                print(f"  {event.stage}: {event.step}/{event.total} ({now - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MiB)",
-                      flush=True)
-
         warp_stack(stack, [str(p) for p in paths], out_path, tile=args.tile, workers=args.workers,
-                   threads=args.threads, progress=progress)
+                   threads=args.threads, progress=progress_printer(t0, 20.0))
         numbers["warp_s"] = round(time.perf_counter() - t0, 1)
         numbers["warp_mpx_per_s"] = round(n * size**2 / 1e6 / numbers["warp_s"], 1)
         import zarr

@@ -284,18 +284,9 @@ def main(argv=None) -> int:
         result.save(folder / "transform")
 
         # ---------------------------------------------------------------- 3. warp level 0
-        shutil.rmtree(out_path, ignore_errors=True)
-        shutil.rmtree(out_path.with_name(out_path.name + ".partial"), ignore_errors=True)
+        clear_output(out_path)
         t0 = time.perf_counter()
-        last = [0.0]
-
-        def progress(event):
-            now = time.perf_counter()
-            if now - last[0] > 15 or event.step == event.total:
-                last[0] = now
-                print(f"  {event.stage}: {event.step}/{event.total} ({now - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MiB)", flush=True)
-
-        warp_slide(result, source, out_path, tile=args.tile, workers=args.workers, progress=progress)
+        warp_slide(result, source, out_path, tile=args.tile, workers=args.workers, progress=progress_printer(t0, 15.0))
         numbers["warp_s"] = round(time.perf_counter() - t0, 1)
         numbers["warp_mpx_per_s"] = round(args.size**2 / 1e6 / numbers["warp_s"], 1)
         numbers["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -319,6 +310,27 @@ def main(argv=None) -> int:
         if not args.keep and args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
     return finish(numbers, args.json, args.max_memory_mb)
+
+
+def clear_output(path: Path) -> None:
+    """Remove an earlier run's output and its unfinished ``.partial``."""
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
+
+
+def progress_printer(start: float, every: float):
+    """A progress callback that prints a line at most every ``every`` seconds (and at the end of
+    each stage), with the time since ``start`` and the peak memory so far."""
+    last = [0.0]
+
+    def progress(event):
+        now = time.perf_counter()
+        if now - last[0] > every or event.step == event.total:
+            last[0] = now
+            print(f"  {event.stage}: {event.step}/{event.total} ({now - start:.0f} s, peak RSS {peak_rss_mb():.0f} MiB)",
+                  flush=True)
+
+    return progress
 
 
 def finish(numbers: dict, json_path, max_memory_mb: float) -> int:

@@ -46,6 +46,7 @@ __all__ = [
     "default_device",
     "field_between_frames",
     "compose_between_frames",
+    "compose_affines_between_frames",
     "field_to_grid",
     "identity_grid",
     "invert_field",
@@ -510,3 +511,20 @@ def compose_between_frames(
     normalised = pixels_to_normalised(q_inner, inner_field.shape[-2:]).unsqueeze(0).to(inner_field.dtype)
     u = sample(inner_field.reshape(1, 2, *inner_field.shape[-2:]), normalised, padding_mode="border")[0].permute(1, 2, 0)
     return (q_inner + u - grid.permute(1, 2, 0)).permute(2, 0, 1).contiguous()
+
+
+def compose_affines_between_frames(outer_matrix, outer_source_frame: Frame, inner_matrix, inner_target_frame: Frame) -> np.ndarray:
+    """The 2x3 backward affine of two affines chained through the image they share, as
+    :func:`compose_between_frames` chains their fields: ``p`` (outer working) -> ``outer_matrix``
+    -> ``B`` original pixels (``outer_source_frame``) -> ``B`` in the inner grid
+    (``inner_target_frame``) -> ``inner_matrix``. Every step is affine, so the chain is read off
+    three points.
+
+    Convention: 2x3 backward ``(row, col)`` affines in working pixels."""
+    def apply(matrix, points):
+        m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+        return points @ m[:, :2].T + m[:, 2]
+
+    basis = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    mapped = apply(inner_matrix, inner_target_frame.to_working(outer_source_frame.to_original(apply(outer_matrix, basis))))
+    return np.column_stack([mapped[1] - mapped[0], mapped[2] - mapped[0], mapped[0]])

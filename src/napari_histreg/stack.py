@@ -33,10 +33,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .conventions import Frame, compose_between_frames, to_tensor
+from .conventions import Frame, compose_affines_between_frames, compose_between_frames, to_tensor
 from .io import HistRegInputError
 from .progress import ProgressCallback, report
-from .result import RegistrationResult
+from .result import RegistrationResult, background_value
 
 __all__ = ["StackResult", "StackSection", "register_stack", "identity_result", "chain"]
 
@@ -69,11 +69,6 @@ class StackSection:
     error: str = ""
     seconds: float = 0.0
 
-    @property
-    def usable(self) -> bool:
-        """Whether the section has a transform onto the reference (the reference included)."""
-        return self.transform is not None
-
 
 def identity_result(shape: Sequence[int], grid: int = IDENTITY_GRID) -> RegistrationResult:
     """The identity transform of an image of ``shape`` onto itself, on a small working grid
@@ -86,32 +81,13 @@ def identity_result(shape: Sequence[int], grid: int = IDENTITY_GRID) -> Registra
     return RegistrationResult(field, frame, frame, info={"confidence": {"score": 1.0, "flag": "ok", "weakest": "", "measures": {}}})
 
 
-def _frame_matrix(frame: Frame, to_working: bool) -> np.ndarray:
-    """3x3 homogeneous ``(row, col)`` matrix of a frame's map (to working pixels, or back)."""
-    a = np.asarray(frame.scale, dtype=np.float64)
-    b = 0.5 * a - 0.5 + np.asarray(frame.offset, dtype=np.float64)
-    m = np.eye(3)
-    if to_working:
-        m[0, 0], m[1, 1], m[:2, 2] = a[0], a[1], b
-    else:
-        m[0, 0], m[1, 1], m[:2, 2] = 1 / a[0], 1 / a[1], -b / a
-    return m
-
-
-def _homogeneous(matrix) -> np.ndarray:
-    m = np.eye(3)
-    m[:2] = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
-    return m
-
-
 def chain(outer: RegistrationResult, inner: RegistrationResult) -> RegistrationResult:
     """``inner`` (A onto B) followed by ``outer`` (B onto C): A onto C, on ``outer``'s working grid
     (:func:`~napari_histreg.conventions.compose_between_frames`). The affine part is chained the
     same way; ``info`` records the confidences of both parts (the weaker is the chain's)."""
     field = compose_between_frames(to_tensor(outer.working_field), outer.source_frame,
                                    to_tensor(inner.working_field), inner.target_frame)
-    matrix = (_homogeneous(inner.matrix) @ _frame_matrix(inner.target_frame, True)
-              @ _frame_matrix(outer.source_frame, False) @ _homogeneous(outer.matrix))[:2]
+    matrix = compose_affines_between_frames(outer.matrix, outer.source_frame, inner.matrix, inner.target_frame)
     scores = [r.confidence for r in (outer, inner) if r.confidence]
     weakest = min(scores, key=lambda c: c.get("score", 1.0)) if scores else {}
     info = {"chained": True, "confidence": dict(weakest) if weakest else {}}
@@ -127,9 +103,15 @@ def _section_name(image, index: int) -> str:
 
 def _section_shape(image) -> tuple[int, int]:
     if isinstance(image, (str, os.PathLike)):
-        from .slides import open_slide
+        from .io import image_header
+        from .slides import TIFF_SUFFIXES, open_slide
 
-        return tuple(int(n) for n in open_slide(image).shape[:2])
+        path = Path(image)
+        header = None if path.is_dir() or path.suffix.lower() in TIFF_SUFFIXES else image_header(path)
+        if header is not None:  # a JPEG / PNG: its size without decoding it (open_slide would)
+            return int(header[0][0]), int(header[0][1])
+        with open_slide(path) as slide:  # TIFF and OME-Zarr: lazily, metadata only
+            return tuple(int(n) for n in slide.shape[:2])
     shape = getattr(image, "shape", None)
     if shape is None:
         raise HistRegInputError(f"a stack section must be an array, a path or a slide, not {type(image).__name__}")
@@ -158,21 +140,22 @@ def _register_pair(source, target, config, device, threads, name: str, progress:
 
 
 def _pair_task(source, target, config, device, threads, name, progress: ProgressCallback = None):
-    """:func:`_register_pair` where it runs (here, or a dask worker): the result and its warnings'
-    texts, or the error's text. Cancellation (from ``progress``) is not an error: it propagates."""
+    """:func:`_register_pair` where it runs (here, or a dask worker): ``(result, "")``, or
+    ``(None, the error's text)``. The pair's own warnings are silenced: :func:`register_stack`
+    reports every flagged section once, by its place in the stack. Cancellation (from
+    ``progress``) is not an error: it propagates."""
     from .progress import RegistrationCancelled
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = _register_pair(source, target, config, device, threads, name, progress)
-        return result, [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)], ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _register_pair(source, target, config, device, threads, name, progress), ""
     except RegistrationCancelled:
         raise
     except Exception as err:  # recorded, the stack goes on
         from .evaluate import _one_line
 
-        return None, [], _one_line(err)
+        return None, _one_line(err)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -331,6 +314,50 @@ class StackResult:
         return cls(sections, reference, index.get("info", {}))
 
 
+def one_kind(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The sections' images as one kind, so that one stack holds them: unchanged when they
+    share their channels, else each colour image as 8-bit grey (a grey stack)."""
+    images = [np.asarray(im) for im in images]
+    if len({im.shape[2] if im.ndim == 3 else None for im in images}) <= 1:
+        return images
+    from .stages.preprocess import to_grey
+
+    return [(to_grey(im) * 255).astype(np.uint8) if im.ndim == 3 else im for im in images]
+
+
+def landmarks_in_reference(stack: StackResult, landmarks: Sequence) -> list[dict | None]:
+    """Per section (None where it has no landmarks or no transform): its
+    :class:`~napari_histreg.scoring.Landmarks` mapped into the reference (``"mapped"``, ``(N, 2)``
+    ``(row, col)`` reference pixels) and, where the reference has landmarks too, the ANHIR metrics
+    of the section's against the reference's, paired by id (``"metrics"``,
+    :data:`~napari_histreg.scoring.METRIC_COLUMNS`), or what stopped them (``"error"``)."""
+    from .scoring import LandmarkPair, score_mapped
+
+    if len(landmarks) != len(stack.sections):
+        raise ValueError(f"expected {len(stack.sections)} landmark sets (one per section, or None), got {len(landmarks)}")
+    reference = landmarks[stack.reference]
+    out: list[dict | None] = []
+    for s, marks in zip(stack.sections, landmarks):
+        if marks is None or s.transform is None:
+            out.append(None)
+            continue
+        entry = {"landmarks": marks, "metrics": None, "error": ""}
+        if s.index == stack.reference:
+            entry["mapped"] = np.asarray(marks.points, dtype=np.float64).reshape(-1, 2)
+        else:
+            entry["mapped"] = stack.to_reference(s.index).map_source_points(marks.points)
+            if reference is not None:
+                try:
+                    pair = LandmarkPair.from_landmarks(marks, reference, stack.reference_shape, s.shape)
+                    lookup = {str(i): k for k, i in enumerate(marks.ids)}
+                    mapped = entry["mapped"][[lookup[str(i)] for i in pair.ids]]
+                    entry["metrics"] = score_mapped(mapped, pair)
+                except (HistRegInputError, ValueError) as err:
+                    entry["error"] = f"landmarks: {err}"
+        out.append(entry)
+    return out
+
+
 # --------------------------------------------------------------------------- registering
 def _flag_of(result: RegistrationResult) -> tuple[str, float | None]:
     confidence = result.confidence
@@ -385,7 +412,7 @@ def register_stack(
             raise ValueError(f"order must be a list of indices or 'auto', not {order!r}")
         from .stack_order import estimate_order
 
-        order, distances = estimate_order(images, device=device)
+        order, distances = estimate_order(images)
         info["order_estimated"] = True
         info["order_distances"] = np.round(distances, 4).tolist()
     if order is not None:
@@ -410,7 +437,7 @@ def register_stack(
 
     def record(k: int, anchor: int, outcome) -> None:
         nonlocal done
-        result, messages, error = outcome
+        result, error = outcome
         s = sections[k]
         s.registered_to = anchor
         if result is None:
@@ -488,7 +515,6 @@ def _compose(sections: list[StackSection], reference: int) -> None:
                 s.flag, s.error = "failed", f"section {anchor.index} it was registered to has no transform"
                 continue
             s.transform = s.pair if s.registered_to == reference else chain(anchor.transform, s.pair)
-        # a direct registration's anchor is the reference: chain() is never needed there
 
 
 def _run_pairs(images, calls, config, device, threads, workers, scheduler, progress, pair_name) -> list:
@@ -500,7 +526,7 @@ def _run_pairs(images, calls, config, device, threads, workers, scheduler, progr
     with dask_client(scheduler, workers if not scheduler else None) as client:
         return _run(client, _pair_task,
                     [(images[k], images[anchor], config, device_name, threads or 1, names[m]) for m, (k, anchor) in enumerate(calls)],
-                    lambda m, err: (None, [], f"{type(err).__name__}: {err}"), None, names)
+                    lambda m, err: (None, f"{type(err).__name__}: {err}"), None, names)
 
 
 def refine_to_reference(transform: RegistrationResult, section, reference, config=None, device=None,
@@ -517,7 +543,7 @@ def refine_to_reference(transform: RegistrationResult, section, reference, confi
 
     config = dc.replace(config or RegistrationConfig(), use_initial=False, use_affine=False)
     section, reference = np.asarray(section), np.asarray(reference)
-    warped = transform.warp(section, cval=_background(section), target_shape=reference.shape[:2])
+    warped = transform.warp(section, cval=background_value(section), target_shape=reference.shape[:2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         residual = register(warped, reference, config, device=device, threads=threads)
@@ -537,9 +563,3 @@ def _in_memory(image) -> np.ndarray:
             return np.asarray(image.read(0))
         return read_image(image)
     return np.asarray(image)
-
-
-def _background(image) -> float:
-    from .result import background_value
-
-    return background_value(image)

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-def estimate_order(images: Sequence, size: int = 128, device=None) -> tuple[list[int], np.ndarray]:
+def estimate_order(images: Sequence, size: int = 128) -> tuple[list[int], np.ndarray]:
     """A stack order for sections given in an unknown order, and the distances it came from.
 
     Each pair of sections is scored by the best global NCC of the rotation search (mirrored
@@ -21,33 +21,25 @@ def estimate_order(images: Sequence, size: int = 128, device=None) -> tuple[list
     beyond). Consecutive sections share their outline and inner structures more than distant
     ones, so the shortest path is the likeliest order, up to its direction."""
     from .stages.initial import centroid, polar_angle_scores
-    from .stages.preprocess import level_shape, resample, to_grey
+    from .stages.preprocess import level_shape, pad_to, resample, to_grey
 
     thumbs = []
     for image in images:
-        grey = _thumbnail(image, size * 4)
-        grey = to_grey(grey)
-        grey = 1.0 - (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6)  # tissue bright
-        thumbs.append(grey)
+        grey = to_grey(_thumbnail(image, size * 4))
+        thumbs.append(1.0 - (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6))  # tissue bright
     side = max(max(t.shape) for t in thumbs)
     canvas = (side, side)
-    small = []
-    for t in thumbs:
-        padded = np.zeros(canvas, dtype=np.float32)
-        r0, c0 = (side - t.shape[0]) // 2, (side - t.shape[1]) // 2
-        padded[r0 : r0 + t.shape[0], c0 : c0 + t.shape[1]] = t
-        small.append(resample(padded, level_shape(canvas, size)).cpu().numpy())
+    small = [resample(pad_to(t, canvas)[0], level_shape(canvas, size)).cpu().numpy() for t in thumbs]
+    # each thumbnail and its mirror image, with their centroids, once
+    views = [[(torch.as_tensor(v)[None, None], centroid(v)) for v in (t, np.ascontiguousarray(t[:, ::-1]))] for t in small]
     n = len(small)
     angles = np.arange(0.0, 360.0, 2.0)
     similarity = np.eye(n)
     for i in range(n):
         for j in range(i + 1, n):
-            a = torch.as_tensor(small[i])[None, None]
-            b = torch.as_tensor(small[j])[None, None]
-            best = -1.0
-            for candidate in (a, torch.flip(a, dims=(-1,))):
-                scores = polar_angle_scores(candidate, b, angles, centroid(small[j]), centroid(candidate[0, 0].numpy()))
-                best = max(best, float(np.max(scores)))
+            target, target_centre = views[j][0]
+            best = max(float(np.max(polar_angle_scores(view, target, angles, target_centre, centre)))
+                       for view, centre in views[i])
             similarity[i, j] = similarity[j, i] = best
     distances = 1.0 - similarity
     return shortest_path(distances), distances

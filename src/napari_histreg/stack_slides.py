@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .io import HistRegInputError
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback
 
 __all__ = ["warp_stack"]
 
@@ -53,10 +53,10 @@ def warp_stack(
     ``progress`` gets ``"warp"`` and ``"pyramid"`` events. Returns ``output``."""
     from .conventions import default_device, to_tensor
     from .result import background_value
-    from .slides import OmeZarrWriter, PartialOutput, open_slide, run_blocks, transform_digest
+    from .slides import OmeZarrWriter, PartialOutput, open_slide, transform_digest, write_level0_and_pyramid
     from .slides.read import DEFAULT_MIN_SIZE
-    from .threads import choose_threads
-    from .tiled import _tile_and_chunk, warp_block
+    from .threads import choose_threads, torch_threads
+    from .tiled import _tile_and_chunk, target_frames, warp_block
 
     if len(slides) != len(stack.sections):
         raise ValueError(f"expected {len(stack.sections)} slides (one per section), got {len(slides)}")
@@ -98,15 +98,10 @@ def warp_stack(
             for z, (section, slide, lev) in enumerate(zip(stack.sections, opened, levels)):
                 if section.transform is None:
                     continue  # the fill value
-                result = section.transform
                 source_shape = slide.level_shape(lev)
-                fields[z] = (to_tensor(result.working_field, device=device),
-                             result.source_frame.at_shape(source_shape),
-                             result.target_frame.at_shape(out_shape), source_shape)
+                fields[z] = (to_tensor(section.transform.working_field, device=device),
+                             *target_frames(section.transform, source_shape, out_shape), source_shape)
                 plan += [(z, rows, cols) for rows, cols in writer.blocks(0, tile)]
-            todo = [b for b in plan if not partial.is_done(_key(b))]
-            count = len(plan) - len(todo)
-            report(progress, "warp", count, len(plan), f"{len(fields)} sections, {len(plan)} tiles of {tile} px")
 
             def one(block):
                 z, rows, cols = block
@@ -120,19 +115,10 @@ def warp_stack(
                     writer.write(0, rows, cols, out, plane=z)
                 return out is not None
 
-            def finished(block, _):
-                nonlocal count
-                partial.mark(_key(block))
-                count += 1
-                report(progress, "warp", count, len(plan), f"section {block[0]}")
-
-            previous = torch.get_num_threads()
-            torch.set_num_threads(max(1, threads // workers))
-            try:
-                run_blocks(todo, one, workers, finished)
-                writer.build_pyramid(workers, progress, partial)
-            finally:
-                torch.set_num_threads(previous)
+            # torch's own threads share the budget with the tile threads (napari_histreg.threads)
+            with torch_threads(max(1, threads // workers)):
+                write_level0_and_pyramid(writer, partial, plan, one, workers, progress, "warp",
+                                         f"{len(fields)} sections, {len(plan)} tiles of {tile} px")
             writer.finalise({"sections": [sec.name for sec in stack.sections], "reference": stack.reference,
                              "flags": [sec.flag for sec in stack.sections]})
             partial.finish()
@@ -145,7 +131,3 @@ def warp_stack(
             slide.close()
     return Path(output)
 
-
-def _key(block) -> str:
-    z, rows, cols = block
-    return f"z{z} level 0 {rows.start}:{rows.stop} {cols.start}:{cols.stop}"

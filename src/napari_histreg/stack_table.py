@@ -93,42 +93,42 @@ def _images(rows: list[StackRow]) -> list:
     return [r.path(r.image) for r in rows]
 
 
-def score_sections(stack, rows: list[StackRow]) -> list[dict]:
-    """``sections.csv``'s rows: each section's flag, and its landmarks mapped into the
-    reference scored against the reference's landmarks (:mod:`napari_histreg.scoring`)."""
-    from .scoring import LandmarkPair, Landmarks, score_mapped
+def read_landmarks_of(rows: list[StackRow]) -> list:
+    """Each section's :class:`~napari_histreg.scoring.Landmarks` (None where it has none)."""
+    from .scoring import Landmarks
 
-    ref_row = rows[stack.reference]
-    ref_landmarks = Landmarks.read(ref_row.path(ref_row.landmarks)) if ref_row.landmarks else None
+    return [Landmarks.read(r.path(r.landmarks)) if r.landmarks else None for r in rows]
+
+
+def section_rows(stack, rows: list[StackRow], mapped: list) -> list[dict]:
+    """``sections.csv``'s rows: each section's flag and, from
+    :func:`~napari_histreg.stack.landmarks_in_reference` (``mapped``), the ANHIR metrics of its
+    landmarks in the reference against the reference's."""
     out = []
-    for s, r in zip(stack.sections, rows):
+    for s, r, entry in zip(stack.sections, rows, mapped):
         row = {c: None for c in SECTION_COLUMNS}
         row.update(index=s.index, image=r.image, flag=s.flag, confidence=s.confidence, registered_to=s.registered_to,
                    seconds=round(float(s.seconds), 3), error=s.error)
-        if s.index != stack.reference and r.landmarks and ref_landmarks is not None and s.transform is not None:
-            try:
-                pair = LandmarkPair.from_landmarks(Landmarks.read(r.path(r.landmarks)), ref_landmarks,
-                                                   stack.reference_shape, s.shape)
-                row.update(score_mapped(stack.to_reference(s.index).map_source_points(pair.source_rc), pair))
-            except (HistRegInputError, ValueError) as err:
-                row["error"] = (row["error"] + "; " if row["error"] else "") + f"landmarks: {err}"
+        if entry is not None and entry["metrics"] is not None:
+            row.update(entry["metrics"])
+        if entry is not None and entry["error"]:
+            row["error"] = (row["error"] + "; " if row["error"] else "") + entry["error"]
         out.append(row)
     return out
 
 
 def summarise_sections(rows: list[dict], stack) -> dict:
-    """``summary.json``: ANHIR summary over the scored sections, the flags, the time."""
-    scored = [r for r in rows if r.get("MrTRE") is not None]
-    mr = np.array([r["MrTRE"] for r in scored], dtype=float)
+    """``summary.json``: the ANHIR summary over the scored sections
+    (:func:`napari_histreg.evaluate.summarise_rows`), the flags, the time."""
+    from .evaluate import summarise_rows
+
+    scored = summarise_rows([r for r in rows if r.get("MrTRE") is not None])
     summary = {
         "sections": len(rows),
         "reference": stack.reference,
         "method": stack.info.get("method"),
-        "scored": len(scored),
-        "AMrTRE": float(mr.mean()) if len(mr) else None,
-        "MMrTRE": float(np.median(mr)) if len(mr) else None,
-        "initial_AMrTRE": float(np.mean([r["initial_MrTRE"] for r in scored])) if scored else None,
-        "robustness": float(np.mean([r["robustness"] for r in scored])) if scored else None,
+        "scored": scored["count"],
+        **{k: scored[k] for k in ("AMrTRE", "MMrTRE", "AArTRE", "initial_AMrTRE", "robustness")},
         "flagged": len(stack.flagged),
         "flags": {f: sum(1 for r in rows if r["flag"] == f) for f in ("reference", "ok", "check", "skipped", "failed")},
         "seconds": stack.info.get("seconds"),
@@ -144,20 +144,16 @@ def write_preview(stack, rows: list[StackRow], path: Path, size: int = PREVIEW_S
     import tifffile
 
     from .slides import open_slide
-    from .stages.preprocess import to_grey
+    from .stack import one_kind
 
-    slides = [open_slide(r.path(r.image)) for r in rows]
     ref_shape = stack.reference_shape
     scale = min(1.0, size / max(ref_shape))
     out_shape = (max(1, round(ref_shape[0] * scale)), max(1, round(ref_shape[1] * scale)))
     images = []
-    for slide in slides:
-        image = np.asarray(slide.read(slide.level_for(int(max(slide.shape) * scale) or 1)))
-        images.append(image)
-    channels = {im.shape[2] if im.ndim == 3 else None for im in images}
-    if len(channels) > 1:  # grey beside colour: a grey stack
-        images = [(to_grey(im) * 255).astype(np.uint8) if im.ndim == 3 else im for im in images]
-    aligned = stack.aligned(images, shape=out_shape, progress=progress)
+    for r in rows:
+        with open_slide(r.path(r.image)) as slide:
+            images.append(np.asarray(slide.read(slide.level_for(int(max(slide.shape) * scale) or 1))))
+    aligned = stack.aligned(one_kind(images), shape=out_shape, progress=progress)
     axes = "ZYXS" if aligned.ndim == 4 else "ZYX"
     tifffile.imwrite(path, aligned, photometric="rgb" if aligned.ndim == 4 else "minisblack",
                      metadata={"axes": axes}, compression="zlib", ome=True)
@@ -187,12 +183,13 @@ def register_stack_table(
     """Register the stack of ``STACK.csv`` (:func:`read_stack_table`) and write ``out_dir``
     (module docstring). Returns ``(stack, section rows, summary)``; a failing section is
     recorded in its row and the run goes on."""
+    from .config import RegistrationConfig
     from .io import atomic_write_json, write_landmarks
     from .outputs import check_output_folder, staged_outputs
     from .result import _jsonable
-    from .scoring import Landmarks
-    from .stack import register_stack
+    from .stack import landmarks_in_reference, register_stack
 
+    config = config or RegistrationConfig()
     rows = read_stack_table(csv_path)
     inputs = [r.path(r.image) for r in rows] + [r.path(r.landmarks) for r in rows if r.landmarks]
     check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
@@ -202,25 +199,25 @@ def register_stack_table(
                            threads=threads, workers=workers, scheduler=scheduler, progress=progress)
     if stack.info.get("order"):
         rows = [rows[k] for k in stack.info["order"]]
-    section_rows = score_sections(stack, rows)
-    summary = summarise_sections(section_rows, stack)
+    mapped = landmarks_in_reference(stack, read_landmarks_of(rows))  # each section's landmarks mapped once
+    table = section_rows(stack, rows, mapped)
+    summary = summarise_sections(table, stack)
     with staged_outputs(out_dir, overwrite=overwrite, inputs=inputs, command="register-stack") as stage:
         stack.write(stage / "stack")
         from .evaluate import write_pairs_csv
 
-        write_pairs_csv(stage / "sections.csv", section_rows, SECTION_COLUMNS)
+        write_pairs_csv(stage / "sections.csv", table, SECTION_COLUMNS)
         (stage / "landmarks").mkdir()
-        for s, r in zip(stack.sections, rows):
-            if r.landmarks and s.transform is not None:
-                lm = Landmarks.read(r.path(r.landmarks))
-                mapped = lm.points if s.index == stack.reference else stack.to_reference(s.index).map_source_points(lm.points)
-                write_landmarks(stage / "landmarks" / f"{s.index:03d}-{Path(r.image).stem}_in_reference.csv", lm.ids, mapped)
+        for s, r, entry in zip(stack.sections, rows, mapped):
+            if entry is not None:
+                write_landmarks(stage / "landmarks" / f"{s.index:03d}-{Path(r.image).stem}_in_reference.csv",
+                                entry["landmarks"].ids, entry["mapped"])
         summary["preview_shape"] = list(write_preview(stack, rows, stage / "aligned.ome.tif", preview_size, progress))
         if warp:
             from .stack_slides import warp_stack
 
             warp_stack(stack, _images(rows), stage / "aligned.ome.zarr", tile=tile, threads=threads, progress=progress)
         summary["seconds_total"] = round(time.perf_counter() - start, 3)
-        summary["config"] = _jsonable(stack.sections[0].pair.info.get("config")) if stack.sections[0].pair else None
+        summary["config"] = config.to_dict()
         atomic_write_json(stage / "summary.json", _jsonable(summary))
-    return stack, section_rows, summary
+    return stack, table, summary

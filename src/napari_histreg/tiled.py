@@ -62,10 +62,11 @@ def _as_result(transform) -> RegistrationResult:
     return RegistrationResult.load(transform)
 
 
-def target_frames(result: RegistrationResult, source_shape):
+def target_frames(result: RegistrationResult, source_shape, target_shape=None):
     """``(source_frame, target_frame)`` for a source image of ``source_shape`` (any resolution
-    of the registered source) and the target grid at the same resolution ratio."""
-    return result._frames_for(source_shape)
+    of the registered source) and the target grid at the same resolution ratio (or of
+    ``target_shape``)."""
+    return result._frames_for(source_shape, target_shape)
 
 
 def _source_coords(working_field, target_frame, source_frame, rows: slice, cols: slice) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..result import background_value  # noqa: F401 (re-exported for the transform layers)
+from ..result import background_value
 
 LayerDataTuple = tuple  # (data, kwargs, layer_type)
 

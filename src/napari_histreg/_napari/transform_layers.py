@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import LayerDataTuple, background_value, image_array, map_points_layer, placement, snapshot, warped_name
+from ..result import background_value
+from .layers import LayerDataTuple, image_array, map_points_layer, placement, snapshot, warped_name
 
 
 def transform_layer(result, layer, *, target_layer=None, source_image=None, name: str | None = None) -> LayerDataTuple:

@@ -448,16 +448,7 @@ def _open_zarr(path: Path, name: str, store_wrapper) -> Slide:
         array = _dask_level(opened, f"zarr-{path.name}")
         slide = _from_array(array, name, path, "zarr")
         return slide
-    multiscales, version = _multiscales_of(opened.attrs.asdict())
-    if not multiscales:
-        arrays = [k for k, v in opened.arrays()]
-        raise HistRegInputError(
-            f"{path}: zarr group without OME-Zarr 'multiscales' metadata (an unfinished or foreign store); "
-            f"arrays in it: {arrays[:5]}"
-        )
-    multiscale = multiscales[0]
-    arrays = [opened[d["path"]] for d in multiscale["datasets"]]
-    axes = _axes_letters(multiscale, arrays[0].ndim)
+    multiscale, version, arrays, axes = _multiscale_arrays(opened, path)
     if "Z" in axes and arrays[0].shape[axes.index("Z")] > 1:
         raise HistRegInputError(
             f"{path}: a stack of {arrays[0].shape[axes.index('Z')]} planes (z axis), not one slide; open it in napari "
@@ -471,7 +462,18 @@ def _open_zarr(path: Path, name: str, store_wrapper) -> Slide:
         downsamples = [_downsample_from_shapes(levels[0].shape, lv.shape) for lv in levels]
     return Slide(levels, downsamples, name=name, path=path, format=f"ome-zarr {version or '?'}")
 
-
+def _multiscale_arrays(group, path: Path) -> tuple[dict, str | None, list, str]:
+    """An OME-Zarr group's first multiscale: its metadata, NGFF version, level arrays and axis
+    letters; an input error naming ``path`` when it has none."""
+    multiscales, version = _multiscales_of(group.attrs.asdict())
+    if not multiscales:
+        arrays = [k for k, v in group.arrays()]
+        raise HistRegInputError(
+            f"{path}: zarr group without OME-Zarr 'multiscales' metadata (an unfinished or foreign store); "
+            f"arrays in it: {arrays[:5]}"
+        )
+    arrays = [group[d["path"]] for d in multiscales[0]["datasets"]]
+    return multiscales[0], version, arrays, _axes_letters(multiscales[0], arrays[0].ndim)
 
 
 def zarr_stack_levels(path) -> list | None:
@@ -488,11 +490,10 @@ def zarr_stack_levels(path) -> list | None:
         return None
     if isinstance(opened, zarr.Array):
         return None
-    multiscales, _ = _multiscales_of(opened.attrs.asdict())
-    if not multiscales:
+    try:
+        _, _, arrays, axes = _multiscale_arrays(opened, path)
+    except HistRegInputError:
         return None
-    arrays = [opened[d["path"]] for d in multiscales[0]["datasets"]]
-    axes = _axes_letters(multiscales[0], arrays[0].ndim)
     if "Z" not in axes or not set(axes) <= set("CZYX"):
         return None
     order = [axes.index(a) for a in "ZYX"] + ([axes.index("C")] if "C" in axes else [])

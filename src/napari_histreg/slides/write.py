@@ -248,8 +248,9 @@ def write_level0_and_pyramid(writer, partial, blocks, write_block: Callable, wor
 
 
 def _block_key(level: int, block) -> str:
-    rows, cols = block
-    return f"L{level} {rows.start} {cols.start}"
+    """The progress key of a ``(rows, cols)`` block, or ``(plane, rows, cols)`` of an image with a z axis."""
+    *plane, rows, cols = block
+    return f"L{level} " + (f"z{plane[0]} " if plane else "") + f"{rows.start} {cols.start}"
 
 
 # --------------------------------------------------------------------------- OME-TIFF writing

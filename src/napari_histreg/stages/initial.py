@@ -320,6 +320,7 @@ def _local_scores(source, target, matrices, config, device) -> np.ndarray:
     shape = level_shape((h, w), config.choice_size)
     src = resample(source, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
     tgt = resample(target, shape, device=device, align_corners=ALIGN_CORNERS)[None, None]
+
     def box(image):
         return per_run(image, "content box", lambda im: content_box(im).astype(np.float32))
 

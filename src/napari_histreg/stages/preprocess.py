@@ -175,26 +175,20 @@ def resample(
     across levels. Inside :func:`level_cache` a numpy image's levels are computed once; the
     returned tensor is then shared, so callers never write into it.
     """
-    cache = _LEVELS.get()
-    if cache is not None and isinstance(image, np.ndarray):
-        key = (id(image), tuple(shape), bool(align_corners), str(device))
-        hit = cache.get(key)
-        if hit is not None and hit[0] is image:
-            return hit[1]
-        out = _resample(image, shape, device, align_corners)
-        cache[key] = (image, out)
-        return out
-    return _resample(image, shape, device, align_corners)
+    if not isinstance(image, np.ndarray):
+        return _resample(image, shape, device, align_corners)
+    return per_run(image, ("level", tuple(shape), bool(align_corners), str(device)),
+                   lambda im: _resample(im, shape, device, align_corners))
 
 
-def per_run(image: np.ndarray, name: str, compute):
+def per_run(image: np.ndarray, name, compute):
     """``compute(image)``, kept for the rest of the run inside :func:`level_cache` (by the image
-    object and ``name``): for what several stages derive from the same working image (its
-    content box, its tissue mask)."""
+    object and ``name``, any hashable): for what several stages derive from the same working
+    image (its levels, its content box)."""
     cache = _LEVELS.get()
     if cache is None:
         return compute(image)
-    key = ("derived", id(image), name)
+    key = (id(image), name)
     hit = cache.get(key)
     if hit is not None and hit[0] is image:
         return hit[1]

@@ -145,7 +145,8 @@ class StackWidget(RunWidget):
 
     # ------------------------------------------------------------------ run
     def prepare(self):
-        from ...stack import register_stack
+        from ...scoring import Landmarks
+        from ...stack import landmarks_in_reference, one_kind, register_stack
         from .register import resolve_device
 
         layers = self.ordered_sections()
@@ -156,10 +157,8 @@ class StackWidget(RunWidget):
         refs = [snapshot(layer) for layer in layers]
         points_layers = [layer for layer in self.viewer.layers if layer_kind(layer) == "points"
                          and layer.metadata.get("histreg_owner") != self.owner]
-        landmarks = []
-        for layer in layers:
-            found = landmarks_for(layer.name, points_layers)
-            landmarks.append(None if found is None else (landmark_ids(found), points_in_pixels(found, layer)))
+        found = [landmarks_for(layer.name, points_layers) for layer in layers]
+        marks = [None if f is None else (f.name, np.asarray(landmark_ids(f), dtype=object), snapshot(f)) for f in found]
         config, device = self.config(), resolve_device(self.device.value)
         threads = int(self.threads.value) or None
         direct, skip_failed = self.direct.value, self.skip_failed.value
@@ -168,62 +167,47 @@ class StackWidget(RunWidget):
         def job(progress):
             levels = [image_ref(ref) for ref in refs]
             arrays = [np.asarray(level.data) for level in levels]
+            # in the pixels of the level registered (a multiscale layer's, not its level 0)
+            landmarks = [None if m is None else Landmarks(m[0], m[1], points_in_pixels(m[2], level))
+                         for m, level in zip(marks, levels)]
             stack = register_stack(arrays, reference=reference, order=order, config=config, direct=direct,
                                    skip_failed=skip_failed, names=[ref.name for ref in refs], device=device,
                                    threads=threads, progress=progress)
             permutation = stack.info.get("order") or list(range(len(arrays)))
-            arrays = [arrays[k] for k in permutation]
-            levels_in_order = [levels[k] for k in permutation]
-            marks = [landmarks[k] for k in permutation]
             report(progress, "stack", 0, 1, "warping the sections onto the reference")
-            channels = {a.shape[2] if a.ndim == 3 else None for a in arrays}
-            if len(channels) > 1:  # grey beside colour: a grey stack
-                from ...stages.preprocess import to_grey
-
-                arrays = [to_grey(a) if a.ndim == 3 else to_grey(a) for a in arrays]
-            aligned = stack.aligned(arrays)
-            return stack, aligned, levels_in_order, marks
+            aligned = stack.aligned(one_kind([arrays[k] for k in permutation]))
+            # mapped and scored here, in the worker: inverting fields is no work for the GUI thread
+            mapped = landmarks_in_reference(stack, [landmarks[k] for k in permutation])
+            return stack, aligned, levels[permutation[stack.reference]], mapped
 
         return job
 
     def apply(self, payload) -> str:
-        stack, aligned, levels, marks = payload
-        ref_level = levels[stack.reference]
+        stack, aligned, ref_level, mapped = payload
         reference_name = stack.sections[stack.reference].name
         rgb = aligned.ndim == 4 and aligned.shape[-1] in (3, 4)
-        layers = [(aligned, {"name": "registered stack", "rgb": rgb, "scale": (1.0,) + tuple(ref_level.scale[-2:]),
-                             "translate": (0.0,) + tuple(ref_level.translate[-2:]),
+        # z = section, one unit apart; (y, x) placed as the reference layer
+        place = {"scale": (1.0,) + tuple(ref_level.scale[-2:]), "translate": (0.0,) + tuple(ref_level.translate[-2:])}
+        layers = [(aligned, {"name": "registered stack", "rgb": rgb, **place,
                              "metadata": {"histreg_reference": reference_name,
                                           "histreg_sections": [s.name for s in stack.sections]}}, "image")]
         points, ids, section_of = [], [], []
         rows = []
-        ref_marks = marks[stack.reference]
-        diagonal = float(np.hypot(*aligned.shape[1:3]))
-        for k, section in enumerate(stack.sections):
+        for k, (section, entry) in enumerate(zip(stack.sections, mapped)):
             row = [section.name, section.flag, "" if section.confidence is None else f"{section.confidence:.2f}",
                    "" if section.registered_to is None else stack.sections[section.registered_to].name, "", "", ""]
-            if marks[k] is not None and section.transform is not None:
-                ids_k, rc = marks[k]
-                mapped = rc if k == stack.reference else stack.to_reference(k).map_source_points(rc)
-                # the reference grid of the aligned layer is the reference image the stack was registered on
-                points.append(np.column_stack([np.full(len(mapped), float(k)), mapped]))
-                ids.extend(ids_k)
-                section_of.extend([section.name] * len(mapped))
-                row[4] = str(len(mapped))
-                if ref_marks is not None and k != stack.reference:
-                    ref_ids, ref_rc = ref_marks
-                    lookup = {i: p for i, p in zip(ref_ids, ref_rc)}
-                    shared = [(p0, m, lookup[i]) for i, p0, m in zip(ids_k, rc, mapped) if i in lookup]
-                    if shared:
-                        before = np.median([np.linalg.norm(np.asarray(p0) - t) for p0, _, t in shared]) / diagonal
-                        after = np.median([np.linalg.norm(np.asarray(m) - t) for _, m, t in shared]) / diagonal
-                        row[5], row[6] = f"{before:.4f}", f"{after:.4f}"
+            if entry is not None:
+                points.append(np.column_stack([np.full(len(entry["mapped"]), float(k)), entry["mapped"]]))
+                ids.extend(str(i) for i in entry["landmarks"].ids)
+                section_of.extend([section.name] * len(entry["mapped"]))
+                row[4] = str(len(entry["mapped"]))
+                if entry["metrics"] is not None:
+                    row[5], row[6] = f"{entry['metrics']['initial_MrTRE']:.4f}", f"{entry['metrics']['MrTRE']:.4f}"
             rows.append(row)
         if points:
             size = max(4.0, max(aligned.shape[1:3]) / 80.0)
             layers.append((np.concatenate(points), {
-                "name": "stack landmarks", "scale": (1.0,) + tuple(ref_level.scale[-2:]),
-                "translate": (0.0,) + tuple(ref_level.translate[-2:]),
+                "name": "stack landmarks", **place,
                 "features": {"id": np.asarray(ids, dtype=object), "section": np.asarray(section_of, dtype=object)},
                 "text": {"string": "{id}", "size": 8, "color": "magenta", "anchor": "upper_left"},
                 "face_color": "magenta", "border_color": "black", "size": size, "out_of_slice_display": True,
