@@ -29,12 +29,12 @@ def test_manifest_validates_and_imports():
     contrib = manifest.contributions
     assert {w.display_name for w in contrib.widgets} >= {
         "Register", "1. Preprocess", "2. Initial alignment", "3. Affine", "4. Non-rigid", "Landmark QC", "Transforms",
-        "Warp whole slide",
+        "Warp whole slide", "Refine with landmarks",
     }
     patterns = {tuple(r.filename_patterns) for r in contrib.readers}
     assert {("*.csv",), ("*.json",)} <= patterns
     assert any("*.zarr" in p and "*.tif" in p for p in patterns)  # lazy slide reader
-    assert {tuple(w.layer_types) for w in contrib.writers} == {("points",), ("image",)}
+    assert {tuple(w.layer_types) for w in contrib.writers} == {("points",), ("image",), ("shapes*", "points*")}
     assert [s.key for s in contrib.sample_data] == ["sections"]
 
 

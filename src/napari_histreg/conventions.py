@@ -22,6 +22,10 @@ Everything else imports from here instead of re-deriving an index order or a nor
 * **Frames**: an image resampled to a working resolution and padded sits in a :class:`Frame`:
   ``working = (original + 0.5) * scale - 0.5 + offset`` (pixel-centre alignment, the same
   mapping as ``skimage.transform.resize``).
+* **Other software** (:mod:`napari_histreg.export`): ITK / SimpleITK use physical ``(x, y)`` =
+  ``origin + spacing * (col, row)`` (:func:`physical_matrix`; spacing and origin in ITK's
+  ``(x, y)`` order); napari's layer ``affine`` and affinder's CSV are 3x3 homogeneous matrices on
+  ``(row, col)`` (:func:`homogeneous`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ __all__ = [
     "affine_normalised_to_pixels",
     "affine_pixels_to_normalised",
     "affine_to_field",
+    "apply_homogeneous",
+    "frame_matrix",
+    "homogeneous",
+    "physical_matrix",
+    "physical_to_rc",
+    "rc_to_physical",
+    "rescale_matrix",
+    "xy_pair",
     "normalised_affine_grid",
     "compose",
     "default_device",
@@ -528,3 +540,94 @@ def compose_affines_between_frames(outer_matrix, outer_source_frame: Frame, inne
     basis = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     mapped = apply(inner_matrix, inner_target_frame.to_working(outer_source_frame.to_original(apply(outer_matrix, basis))))
     return np.column_stack([mapped[1] - mapped[0], mapped[2] - mapped[0], mapped[0]])
+
+
+# --------------------------------------------------------------------------- homogeneous matrices, physical space
+# Other software states transforms as 3x3 homogeneous matrices (napari's layer ``affine``,
+# affinder's CSV) or in physical coordinates (ITK / SimpleITK). These helpers are the one
+# place where our ``(row, col)`` pixels meet them.
+def homogeneous(matrix) -> np.ndarray:
+    """A 2x3 affine (or a 3x3 one, returned as a copy) as a 3x3 homogeneous matrix.
+
+    Convention: acts on column vectors ``(a, b, 1)``; the axis order is the matrix's own
+    (``(row, col)`` everywhere in this package except the ITK physical ``(x, y)`` below)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape == (3, 3):
+        return m.copy()
+    out = np.eye(3)
+    out[:2, :] = m.reshape(2, 3)
+    return out
+
+
+def apply_homogeneous(matrix, points) -> np.ndarray:
+    """``(N, 2)`` points through a 3x3 (or 2x3) affine: ``A p + b``.
+
+    Convention: the points are in the matrix's axis order; returns float64 ``(N, 2)``."""
+    m = homogeneous(matrix)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return points @ m[:2, :2].T + m[:2, 2]
+
+
+def frame_matrix(frame: Frame) -> np.ndarray:
+    """3x3 homogeneous matrix of ``frame.to_working``: original ``(row, col)`` pixels to working
+    ``(row, col)`` pixels (its inverse is ``frame.to_original``).
+
+    Convention: ``working = (original + 0.5) * scale - 0.5 + offset`` per axis, ``(row, col)``."""
+    scale = np.asarray(frame.scale, dtype=np.float64)
+    offset = np.asarray(frame.offset, dtype=np.float64)
+    out = np.eye(3)
+    out[[0, 1], [0, 1]] = scale
+    out[:2, 2] = 0.5 * scale - 0.5 + offset
+    return out
+
+
+def rescale_matrix(factor) -> np.ndarray:
+    """3x3 homogeneous matrix of :func:`rescale_pixels`: pixels of an image to the pixels of the
+    same image sampled ``factor`` (per axis ``(row, col)``, or one number) times as finely.
+
+    Convention: pixel centres at integers, ``(p + 0.5) * factor - 0.5``, ``(row, col)``."""
+    f = np.broadcast_to(np.asarray(factor, dtype=np.float64), (2,))
+    out = np.eye(3)
+    out[[0, 1], [0, 1]] = f
+    out[:2, 2] = 0.5 * f - 0.5
+    return out
+
+
+def xy_pair(value, name: str = "value", positive: bool = False) -> tuple[float, float]:
+    """One number or an ``(x, y)`` pair as a tuple of two floats (ITK's spacing and origin);
+    ``positive``: refuse zero, negative or non-finite values with a ``ValueError`` naming ``name``.
+
+    Convention: ITK order ``(x, y)`` = ``(col, row)``."""
+    values = np.broadcast_to(np.asarray(value, dtype=np.float64), (2,)) if np.ndim(value) == 0 else np.asarray(value, dtype=np.float64)
+    if values.shape != (2,) or not np.isfinite(values).all():
+        raise ValueError(f"{name} must be one number or an (x, y) pair of finite numbers, not {value!r}")
+    if positive and (values <= 0).any():
+        raise ValueError(f"{name} must be positive, not {value!r}")
+    return float(values[0]), float(values[1])
+
+
+def physical_matrix(spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)) -> np.ndarray:
+    """3x3 homogeneous matrix from pixel ``(row, col)`` to ITK physical ``(x, y)`` of an image
+    with ``spacing`` and ``origin`` (ITK order ``(x, y)``, identity direction):
+    ``x = origin_x + spacing_x * col``, ``y = origin_y + spacing_y * row``.
+
+    Convention: ITK physical point = origin + spacing * index, index = ``(col, row)``; pixel
+    centres at integer indices in both (no half-pixel shift between the two)."""
+    sx, sy = xy_pair(spacing_xy, "spacing", positive=True)
+    ox, oy = xy_pair(origin_xy, "origin")
+    return np.array([[0.0, sx, ox], [sy, 0.0, oy], [0.0, 0.0, 1.0]])
+
+
+def rc_to_physical(points_rc, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)) -> np.ndarray:
+    """``(N, 2)`` pixel ``(row, col)`` points as ITK physical ``(x, y)`` points.
+
+    Convention: :func:`physical_matrix` (``x = origin_x + spacing_x * col``)."""
+    return apply_homogeneous(physical_matrix(spacing_xy, origin_xy), points_rc)
+
+
+def physical_to_rc(points_xy, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)) -> np.ndarray:
+    """``(N, 2)`` ITK physical ``(x, y)`` points as pixel ``(row, col)`` points (the inverse of
+    :func:`rc_to_physical`).
+
+    Convention: :func:`physical_matrix` (``col = (x - origin_x) / spacing_x``)."""
+    return apply_homogeneous(np.linalg.inv(physical_matrix(spacing_xy, origin_xy)), points_xy)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .io import HistRegInputError, atomic_write_json, write_image, write_landmarks
 from .outputs import check_output_folder, staged_outputs
-from .scoring import LandmarkPair, Landmarks, finite_points, score
+from .scoring import METRIC_COLUMNS, LandmarkPair, Landmarks, finite_points, score
 
 OUTPUT_NAMES = {
     "warped_png": "warped_source.png",
@@ -79,9 +79,13 @@ def register_pair(
     overwrite=False,
     threads=None,
     command="register",
+    guide: LandmarkPair | None = None,
 ) -> dict:
     """Register two arrays, score them when both landmark sets are given, and write the pair's
     folder ``out`` (if given; ``inputs``: the files read, which it may never replace).
+    ``guide``: corresponding points the result is corrected through
+    (:mod:`napari_histreg.guided`); the metrics then also give the landmarks' error without the
+    guides' ids (``held_out``).
 
     Returns ``{"result", "metrics" (None without both landmark sets), "outputs" (paths)}``.
     Every input is checked before any work: shapes, constant images, landmarks outside their
@@ -110,11 +114,19 @@ def register_pair(
         check_output_folder(out, inputs=inputs, overwrite=overwrite)  # before any work
         planned = planned_outputs(source_image.dtype, source_landmarks is not None, landmarks is not None)
 
+    guide_points = None if guide is None else (guide.source_rc, guide.target_rc)
     result = register(source_image, target_image, config, device=device, progress=progress, threads=threads,
-                      name=f"{names[0]} -> {names[1]}")
+                      name=f"{names[0]} -> {names[1]}", guide_points=guide_points)
     metrics = None
     if landmarks is not None:
         metrics = score(result, landmarks)
+        if guide is not None:
+            metrics["guide_ids"] = [str(i) for i in guide.ids]
+            others = ~np.isin(landmarks.ids.astype(str), np.asarray(guide.ids).astype(str))
+            if others.any():
+                held_out = LandmarkPair(landmarks.ids[others], landmarks.source_rc[others], landmarks.target_rc[others],
+                                        landmarks.target_shape)
+                metrics["held_out"] = {k: v for k, v in score(result, held_out).items() if k in METRIC_COLUMNS}
         metrics.update(
             source=names[0], target=names[1], source_landmarks=source_landmarks.name, target_landmarks=target_landmarks.name,
             landmark_ids=[str(i) for i in landmarks.ids], seconds=result.timings.get("total"), timings=result.timings,

@@ -275,7 +275,7 @@ class Pipeline:
         return result
 
     def _run(self, source: np.ndarray, target: np.ndarray, progress: ProgressCallback = None,
-             name: str | None = None) -> RegistrationResult:
+             name: str | None = None, warn: bool = True) -> RegistrationResult:
         timings: dict[str, float] = {}
         info: dict = {"device": str(self.device), "mode": self.config.mode, "config": self.config.to_dict()}
 
@@ -335,7 +335,7 @@ class Pipeline:
         timings["confidence"] = round(time.perf_counter() - start, 4)
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
-        if info["confidence"]["flag"] != "ok":
+        if warn and info["confidence"]["flag"] != "ok":
             warnings.warn(f"{name or 'this registration'} needs a look: {describe(info['confidence'])}",
                           RegistrationNeedsCheck, stacklevel=3)
         return self.result(pair, matrix, field, info, timings)
@@ -402,6 +402,8 @@ def register(
     mode: str | None = None,
     threads=None,
     name: str | None = None,
+    guide_points=None,
+    guide=None,
 ) -> RegistrationResult:
     """Register ``source`` onto ``target`` and return a :class:`RegistrationResult`.
 
@@ -413,6 +415,9 @@ def register(
     cores, see :func:`napari_histreg.threads.choose_threads`; ``$HISTREG_THREADS`` sets it too);
     torch's setting is restored afterwards. ``name``: how the :class:`RegistrationNeedsCheck`
     warning of a flagged result names the pair (default: "SOURCE -> TARGET" for paths).
+    ``guide_points``: ``(source_rc, target_rc)``, a few corresponding ``(N, 2)`` ``(row, col)``
+    points in each image's pixels, paired by order: the result is corrected through them
+    (:func:`napari_histreg.guided.guided_run`; ``guide``: its :class:`~napari_histreg.guided.GuideConfig`).
     """
     source_name = str(source) if isinstance(source, (str, Path)) else "source"
     target_name = str(target) if isinstance(target, (str, Path)) else "target"
@@ -428,6 +433,10 @@ def register(
     if pipeline is not None and threads is not None:
         pipeline = _with_threads(pipeline, threads)
     pipeline = pipeline or Pipeline(config, device=device, threads=threads)
+    if guide_points is not None:
+        from .guided import guided_run
+
+        return guided_run(pipeline, source_image, target_image, guide_points, guide, progress, name)
     return pipeline.run(source_image, target_image, progress, name=name)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .conventions import to_tensor, warp
+from .conventions import sample_field_at_points, to_tensor, warp
 
 _EPS = 1e-6
 
@@ -182,3 +182,11 @@ def local_ncc_to_fixed(a: torch.Tensor, fixed: tuple[torch.Tensor, torch.Tensor,
     var_a = (mu_aa - mu_a * mu_a).clamp_min(0)
     cc = cov * cov / (var_a * var_b + 1e-5)
     return cc.mean(dim=tuple(range(1, cc.ndim)))
+
+
+def landmark_term(field_level: torch.Tensor, source_l: torch.Tensor, target_l: torch.Tensor, to_working) -> torch.Tensor:
+    """Mean squared miss (working pixels) of a ``(1, 2, h, w)`` level field at guide points given
+    in that level's pixels: ``|t + u(t) - s|^2`` with ``u`` sampled bilinearly (differentiable);
+    ``to_working``: working pixels per level pixel, per axis ``(2,)`` or one number."""
+    moved = target_l + sample_field_at_points(field_level[0], target_l)
+    return (((moved - source_l) * to_working) ** 2).sum(-1).mean()

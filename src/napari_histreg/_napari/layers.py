@@ -519,6 +519,14 @@ def owned_layer(viewer, name: str, owner: str):
     return None
 
 
+def shown_field_layers(viewer, source_name: str, owner: str) -> dict:
+    """Which field layers of ``source_name`` (``vectors``, ``magnitude``, ``jacobian``: the
+    :func:`result_to_layers` flags) ``owner`` already shows: a widget that replaces the result
+    keeps each of them up to date, so none describes an older result."""
+    names = {"vectors": "deformation", "magnitude": "displacement magnitude", "jacobian": "Jacobian determinant"}
+    return {flag: owned_layer(viewer, f"{source_name} {suffix}", owner) is not None for flag, suffix in names.items()}
+
+
 def add_layers(viewer, layer_data: Sequence[LayerDataTuple], owner: str = "console") -> list:
     """Add ``LayerDataTuple``s to ``viewer`` on behalf of ``owner`` (a widget's name; the
     console's by default). A layer this owner added before under the same name is updated in

@@ -39,6 +39,11 @@ commands:
              one reference section, composing neighbour registrations
   train      train one of the networks (segmentation, affine, nonrigid) from images,
              without landmarks
+  transform-annotations
+             map GeoJSON annotations (QuPath) through a transform, either direction
+  export-transform
+             write a saved transform as an ITK transform file (SimpleITK applies it) and
+             its affine part as a 3x3 matrix CSV (napari layer affine, affinder)
 
 Run `histreg COMMAND --help` for the options of a command.
 """
@@ -59,6 +64,8 @@ from .pairs import cmd_convert, cmd_demo, cmd_evaluate, cmd_register
 from .whole_slides import _add_scheduler_options, _add_slide_commands
 from .train import _add_train_command
 from .stack import _add_stack_command
+from .annotations import _add_annotations_command
+from .export import _add_export_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     p.add_argument("--source-landmarks", metavar="CSV", help="ANHIR landmark CSV (,X,Y) of SOURCE")
     p.add_argument("--target-landmarks", metavar="CSV", help="ANHIR landmark CSV (,X,Y) of TARGET")
+    p.add_argument("--guide-source", metavar="CSV", help="a few points of SOURCE (ANHIR CSV, ,X,Y) that the result must "
+                   "bring onto their partners in --guide-target (paired by id): a human-guided correction")
+    p.add_argument("--guide-target", metavar="CSV", help="the partners of --guide-source in TARGET (ANHIR CSV)")
     _add_overwrite_option(p, "output folder")
     _add_run_options(p)
     p.set_defaults(func=cmd_register)
@@ -133,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_commands(sub)  # whole-slide / dask additions (see the end of this module)
     _add_train_command(sub)  # `histreg train` (see the end of this module)
     _add_stack_command(sub)  # `histreg register-stack` (cli/stack.py)
+    _add_annotations_command(sub)  # `histreg transform-annotations` (cli/annotations.py)
+    _add_export_command(sub)  # `histreg export-transform` (cli/export.py)
     return parser
 
 

@@ -26,12 +26,13 @@ def cmd_register(args) -> int:
     target_image = read_image(args.target)
     source_lm = Landmarks.read(args.source_landmarks) if args.source_landmarks else None
     target_lm = Landmarks.read(args.target_landmarks) if args.target_landmarks else None
+    guide = _guide(args, source_image.shape, target_image.shape)
     with StageProgress(disable=args.quiet) as progress:
         report = register_pair(
             source_image, target_image, out=args.output, source_landmarks=source_lm, target_landmarks=target_lm,
-            inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks],
+            inputs=[args.source, args.target, args.source_landmarks, args.target_landmarks, args.guide_source, args.guide_target],
             config=_config(args), device=_device(args), progress=progress, names=(args.source, args.target),
-            overwrite=args.overwrite, threads=args.threads,
+            overwrite=args.overwrite, threads=args.threads, guide=guide,
         )
     result = report["result"]
     _say(f"registered {args.source} onto {args.target} in {result.timings.get('total', 0):.1f} s on "
@@ -40,9 +41,31 @@ def cmd_register(args) -> int:
         from ..confidence import describe
 
         _say(describe(result.confidence))
+    if guide is not None:
+        g = result.info["guide"]
+        _say(f"guided by {g['points']} point pairs ({'restarted from their ' + g['model'] if g['restarted_from_points'] else 'local correction'}"
+             f"): met within {g['final_max_miss_source_px']:.2f} source px")
     _print_metrics(report["metrics"])
+    if report["metrics"] and report["metrics"].get("held_out"):
+        _say(f"  without the guides' landmarks: MrTRE {report['metrics']['held_out']['MrTRE']:.5f}")
     _say(f"outputs in {args.output}: {', '.join(p.name for p in report['outputs'])}")
     return EXIT_OK
+
+
+def _guide(args, source_shape, target_shape):
+    """The guide points of ``--guide-source`` / ``--guide-target`` (ANHIR CSVs, paired by id),
+    or None; one without the other is a bad input."""
+    from ..io import HistRegInputError
+    from ..scoring import LandmarkPair, Landmarks
+
+    given = [bool(getattr(args, "guide_source", None)), bool(getattr(args, "guide_target", None))]
+    if not any(given):
+        return None
+    if not all(given):
+        raise HistRegInputError("--guide-source and --guide-target: give both (the points of each image, paired by id)")
+    source, target = Landmarks.read(args.guide_source), Landmarks.read(args.guide_target)
+    source.check_inside(source_shape)
+    return LandmarkPair.from_landmarks(source, target, target_shape)
 
 
 def cmd_evaluate(args) -> int:

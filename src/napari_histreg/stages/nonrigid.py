@@ -25,7 +25,16 @@ import torch.nn.functional as F
 
 from ..conventions import ALIGN_CORNERS, compose, resize_field, to_tensor, warp
 from ..progress import ProgressCallback, report
-from ..similarity import curvature, diffusion, fixed_local_stats, folding, jacobian_determinant, local_ncc, local_ncc_to_fixed
+from ..similarity import (
+    curvature,
+    diffusion,
+    fixed_local_stats,
+    folding,
+    jacobian_determinant,
+    landmark_term,
+    local_ncc,
+    local_ncc_to_fixed,
+)
 from .preprocess import level_shape as _level_shape
 from .preprocess import resample
 
@@ -180,6 +189,7 @@ def dense_nonrigid(
     device=None,
     progress: ProgressCallback = None,
     initial_residual: np.ndarray | None = None,
+    guides: tuple | None = None,
 ) -> np.ndarray:
     """Refine ``initial_field`` (``(2, H, W)``) by optimising an additive residual: a dense
     part plus a coarse part whose regularisation follows the residual dissimilarity (see
@@ -187,7 +197,11 @@ def dense_nonrigid(
 
     ``initial_residual`` (``(2, H, W)``, optional) is where the dense part starts, e.g. a
     network's non-rigid field minus ``initial_field``: unlike ``initial_field`` it is
-    regularised, so the optimisation can smooth or undo it."""
+    regularised, so the optimisation can smooth or undo it.
+
+    ``guides``: ``(source_points, target_points, weight)``, corresponding ``(N, 2)`` points on
+    the working grid that the field should bring together: ``weight`` times their mean squared
+    miss in working pixels joins the loss (:func:`~napari_histreg.similarity.landmark_term`)."""
     config = config or DenseConfig()
     device = device or torch.device("cpu")
     shape = target.shape
@@ -205,6 +219,8 @@ def dense_nonrigid(
     weights = _per_level(config.regularisation, n_levels)
     for size, iterations, spacing, weight in zip(config.levels, config.iterations, spacings, weights):
         lshape = _level_shape(shape, size)
+        if guides is not None:
+            guide_source, guide_target, guide_weight, to_working = _guides_at_level(guides, shape, lshape, device)
         src = resample(source, lshape, device=device, align_corners=ALIGN_CORNERS)[None, None]
         tgt = resample(target, lshape, device=device, align_corners=ALIGN_CORNERS)[None, None]
         init_l = _rescale_field(init, lshape)
@@ -230,6 +246,8 @@ def dense_nonrigid(
             loss = -local_ncc_to_fixed(warped, tgt_stats, config.window).mean() + weight * diffusion(dense).mean()
             if config.fold_weight:
                 loss = loss + config.fold_weight * folding(field, orientation).mean()
+            if guides is not None:
+                loss = loss + guide_weight * landmark_term(field, guide_source, guide_target, to_working)
             if coarse:
                 coarse_weight = config.coarse_regularisation * _dissimilarity(warped, tgt, tgt_centred)
                 loss = loss + coarse_weight * sum(_grid_diffusion(c, lshape).mean() for c in coarse)
@@ -243,6 +261,18 @@ def dense_nonrigid(
         out = out + _upsample_params(c.detach(), prev_shape)
     field = init + _rescale_field(out, shape)
     return field[0].cpu().numpy()
+
+
+def _guides_at_level(guides, shape, lshape, device):
+    """Guide points (working pixels) in a pyramid level's pixels: the levels are resampled
+    end-point aligned (``ALIGN_CORNERS``), so a coordinate scales by ``(n_l - 1) / (n - 1)``."""
+    source, target, weight = guides
+    factor = torch.tensor([(lshape[0] - 1) / max(1, shape[0] - 1), (lshape[1] - 1) / max(1, shape[1] - 1)],
+                          dtype=torch.float32, device=device)
+    def as_level(points):
+        return to_tensor(points, device=device).reshape(-1, 2) * factor
+
+    return as_level(source), as_level(target), float(weight), 1.0 / factor
 
 
 # --------------------------------------------------------------------------- patch engine

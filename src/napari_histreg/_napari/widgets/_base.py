@@ -15,14 +15,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def layer_picker(viewer, label: str, kinds: Sequence[str], *, nullable: bool = False, prefer: str | None = None,
-                 fallback: str = "first", avoid: ComboBox | None = None) -> ComboBox:
+                 fallback: str = "first", avoid: ComboBox | None = None,
+                 choose: Callable[[list], Any] | None = None) -> ComboBox:
     """A ComboBox of the viewer's layers of ``kinds`` (class names, lower case).
 
     It does not rely on being docked (it reads ``viewer`` directly) and refreshes itself when
     layers are added, removed or moved. ``prefer``: a word to look for in layer names for
     the initial choice ("source", "target", ...); without a match the ``fallback`` layer
     (``"first"`` or ``"last"`` in the layer list) that ``avoid`` (another picker) has not
-    chosen, so a source and a target picker start on two different images.
+    chosen, so a source and a target picker start on two different images. ``choose``: a
+    function of the candidate layers returning the one to start on (or None: the rules above),
+    asked first.
     """
 
     def choices(_widget=None):
@@ -40,7 +43,10 @@ def layer_picker(viewer, label: str, kinds: Sequence[str], *, nullable: bool = F
         try:
             combo.reset_choices()
             present = [c for _, c in choices()]
-            if state["auto"] and (prefer or avoid is not None):
+            picked = choose(present) if state["auto"] and choose is not None else None
+            if picked is not None:
+                combo.value = picked
+            elif state["auto"] and (prefer or avoid is not None):
                 pick_default(combo, prefer, nullable, fallback, avoid.value if avoid is not None else None)
             elif current is not None and any(current is c for c in present):
                 combo.value = current

@@ -120,10 +120,9 @@ class _StageWidget(RunWidget):
     def _shown(self, source_name: str) -> dict:
         """Which field layers of this source are already shown (owned by the registration): a
         stage keeps each of them up to date, so none describes an older result."""
-        from ..layers import owned_layer
+        from ..layers import shown_field_layers
 
-        names = {"vectors": "deformation", "magnitude": "displacement magnitude", "jacobian": "Jacobian determinant"}
-        return {flag: owned_layer(self.viewer, f"{source_name} {suffix}", self.owner) is not None for flag, suffix in names.items()}
+        return shown_field_layers(self.viewer, source_name, self.owner)
 
     def _pair_plan(self, source, target) -> PairPlan:
         """The session's pair for these layers, or what to compute it with."""

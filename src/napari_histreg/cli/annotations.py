@@ -1,0 +1,84 @@
+"""``histreg transform-annotations``: GeoJSON annotations (QuPath) through a transform."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from .common import EXIT_OK, _add_overwrite_option, _say
+
+
+def _pixel_size(text: str) -> tuple[float, float]:
+    """``0.25`` (both axes) or ``0.25,0.26`` (row = y, col = x), in µm per pixel."""
+    try:
+        values = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pixel size in µm: {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"a pixel size is one or two positive numbers (µm per pixel), not {text!r}")
+    return values[0], values[1]
+
+
+def _add_annotations_command(sub) -> None:
+    p = sub.add_parser(
+        "transform-annotations",
+        help="map GeoJSON annotations (QuPath) through a transform",
+        description="Map the annotations of IN.geojson (QuPath's GeoJSON export: FeatureCollection of Polygon, "
+        "MultiPolygon, LineString, Point, MultiPoint features; cell nuclei included) from the source into the "
+        "target frame of TRANSFORM.json (a histreg transform), or with --inverse from the target into the source "
+        "frame, and write OUT.geojson with every property kept. Coordinates are x = column, y = row from the top-left "
+        "corner, in pixels of the registered images (level 0 of a whole slide), or with --units um in micrometres "
+        "(pixel sizes from --pixel-size / --target-pixel-size or read from the slides' metadata). Long edges are "
+        "densified first so they follow the deformation; polygons that are not valid after mapping are reported.",
+        epilog="example: histreg transform-annotations ihc.geojson out/transform.json -o ihc_on_he.geojson",
+    )
+    p.add_argument("input", metavar="IN.geojson", help="annotations (GeoJSON; QuPath export)")
+    p.add_argument("transform", metavar="TRANSFORM.json", help="a transform written by histreg (.json beside its .mha)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.geojson", help="the mapped annotations")
+    p.add_argument("--inverse", action="store_true",
+                   help="IN is in the target frame: map it into the source frame (the transform's exact direction)")
+    p.add_argument("--units", choices=("px", "um"), default=None,
+                   help="coordinates in pixels or micrometres (default: um when a pixel size is given, else px)")
+    p.add_argument("--pixel-size", type=_pixel_size, default=None, metavar="UM[,UM]",
+                   help="the source slide's pixel size in µm (one number, or row,col)")
+    p.add_argument("--target-pixel-size", type=_pixel_size, default=None, metavar="UM[,UM]",
+                   help="the target slide's pixel size in µm (default: --pixel-size)")
+    p.add_argument("--pixel-size-from", default=None, metavar="SLIDE",
+                   help="read the source pixel size from this slide's metadata (OME-TIFF, TIFF resolution, OME-Zarr)")
+    p.add_argument("--target-pixel-size-from", default=None, metavar="SLIDE",
+                   help="read the target pixel size from this slide's metadata")
+    _add_overwrite_option(p, "GeoJSON output")
+    p.set_defaults(func=cmd_transform_annotations)
+
+
+def _slide_pixel_size(path) -> tuple[float, float]:
+    from ..io import HistRegInputError
+    from ..slides.pixel_size import read_pixel_size
+
+    found = read_pixel_size(path)
+    if found is None:
+        raise HistRegInputError(f"{path}: no pixel size in its metadata (OME PhysicalSizeX/Y, TIFF resolution, "
+                                "OME-Zarr scale); give it with --pixel-size / --target-pixel-size")
+    return found
+
+
+def cmd_transform_annotations(args) -> int:
+    from ..annotations import transform_geojson_file
+
+    pixel_size = args.pixel_size or (_slide_pixel_size(args.pixel_size_from) if args.pixel_size_from else None)
+    target = args.target_pixel_size or (_slide_pixel_size(args.target_pixel_size_from) if args.target_pixel_size_from else None)
+    units = args.units or ("um" if (pixel_size or target) else "px")
+    if units == "px" and (pixel_size or target):
+        warnings.warn("pixel sizes are ignored with --units px", stacklevel=1)
+    written, report = transform_geojson_file(
+        args.input, args.transform, args.output, inverse=args.inverse, pixel_size=pixel_size,
+        target_pixel_size=target, units=units, overwrite=args.overwrite,
+    )
+    for line in report.messages():
+        warnings.warn(f"{args.input}: {line}", stacklevel=1)
+    direction = "target -> source" if args.inverse else "source -> target"
+    _say(f"mapped {report.features} features ({report.points} positions, {direction}, {units}); "
+         f"{len(report.invalid)} not valid after mapping; written {written}")
+    return EXIT_OK
