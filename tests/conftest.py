@@ -17,6 +17,9 @@ def pytest_configure(config):
     # HISTREG_THREADS is what register(), the CLI and the widgets read when no thread count is
     # given, so the suite does not depend on how busy the machine is.
     os.environ.setdefault("HISTREG_THREADS", "1")
+    # the package first, as a user's program would: it sets libgomp's spin count and wait
+    # policy, which only take effect before torch is imported (napari_histreg.threads)
+    import napari_histreg  # noqa: F401
     import torch
 
     torch.set_num_threads(1)

@@ -14,7 +14,8 @@ choice is made from what is free *now*:
 
 A busy core that only appears during a run cannot be foreseen: for that case the package
 lowers libgomp's spin count (``GOMP_SPINCOUNT``, see :func:`limit_spinning`), which halves the
-cost of contention without slowing a quiet machine.
+cost of contention without slowing a quiet machine, and keeps a worker thread (napari's) as fast
+as the main thread (``OMP_WAIT_POLICY``).
 """
 
 from __future__ import annotations
@@ -31,17 +32,28 @@ ENV = "HISTREG_THREADS"
 #: policy is set) burns a contended core; 10 000 measured the same quiet time as the default
 #: and 1.8x less time beside a busy process (benchmarks/threads.py), 1 000 slowed quiet runs.
 SPINCOUNT = "10000"
+#: libgomp's wait policy. Set to ``active`` only for what it does beside ``GOMP_SPINCOUNT``: the
+#: spin count of a process holding more OpenMP threads than cores (the "throttled" count) goes from
+#: 100 to 1 000. A process where torch runs on two OS threads (napari's worker thread beside the
+#: GUI thread, or ``register`` on a Python thread) has one OpenMP team per thread, so on 2 cores it
+#: was always "throttled": the same registration took 2.3x longer on a worker thread than on the
+#: main thread (the dense non-rigid stage's small kernels wait at every parallel region); with
+#: ``active`` 1.1x (benchmarks/README.md, "Worker threads"). With ``GOMP_SPINCOUNT`` set the main
+#: spin count stays 10 000: an idle thread still sleeps after it.
+WAIT_POLICY = "active"
 _FRESH = 30.0  # seconds: a previous look older than this is not used
 _MIN_INTERVAL = 0.1  # seconds of observation needed to judge the load
 
 
 def limit_spinning() -> None:
-    """Set ``GOMP_SPINCOUNT`` unless the user set it (or an OpenMP wait policy); only effective
-    before torch is imported, which is why the package calls it first."""
+    """Set ``GOMP_SPINCOUNT`` (:data:`SPINCOUNT`) and ``OMP_WAIT_POLICY`` (:data:`WAIT_POLICY`)
+    unless the user set either; only effective before torch is imported, which is why the package
+    calls it first."""
     if "torch" in sys.modules:
         return
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
 
 
 def usable_cores() -> int:
