@@ -204,6 +204,29 @@ def test_cli_export_transform(tmp_path, capsys):
     assert histreg(["export-transform", str(sidecar), "--itk", str(itk), "--overwrite"]) == 0
 
 
+def test_cli_export_transform_reads_pixel_sizes_from_slides_and_row_col_pairs(tmp_path, capsys):
+    import tifffile
+
+    result = _result()
+    sidecar = result.save(tmp_path / "transform.json")
+    slide = tmp_path / "source.ome.tif"  # anisotropic: 0.5 um per row, 0.25 um per column
+    tifffile.imwrite(slide, np.zeros((8, 8), np.uint8), ome=True, metadata={"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5})
+    itk = tmp_path / "t.h5"
+    code = histreg(["export-transform", str(sidecar), "--itk", str(itk), "--source-pixel-size-from", str(slide),
+                    "--target-pixel-size", "0.4,0.8"])
+    assert code == 0, capsys.readouterr().err
+    # ITK's (x, y) order: x = column
+    spaces = {"source_spacing": (0.25, 0.5), "target_spacing": (0.8, 0.4), "source_origin": (0.0, 0.0),
+              "target_origin": (0.0, 0.0)}
+    points = _target_points(30)
+    assert np.abs(_sitk_map(sitk.ReadTransform(str(itk)), points, spaces) - result.map_target_points(points)).max() < 0.05
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((8, 8), np.uint8))
+    capsys.readouterr()
+    assert histreg(["export-transform", str(sidecar), "--itk", str(tmp_path / "u.h5"), "--source-pixel-size-from", str(plain)]) == 2
+    assert "--source-pixel-size" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["missing", "not a transform", "no output", "onto the input"])
 def test_cli_export_transform_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     sidecar = _result().save(tmp_path / "transform.json")

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
-from .common import EXIT_OK, _add_overwrite_option, _say
-
-
-def _pixel_size(text: str) -> tuple[float, float]:
-    """``0.25`` (both axes) or ``0.25,0.26`` (row = y, col = x), in µm per pixel."""
-    try:
-        values = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a pixel size in µm: {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"a pixel size is one or two positive numbers (µm per pixel), not {text!r}")
-    return values[0], values[1]
+from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, slide_pixel_size
 
 
 def _add_annotations_command(sub) -> None:
@@ -41,9 +27,9 @@ def _add_annotations_command(sub) -> None:
                    help="IN is in the target frame: map it into the source frame (the transform's exact direction)")
     p.add_argument("--units", choices=("px", "um"), default=None,
                    help="coordinates in pixels or micrometres (default: um when a pixel size is given, else px)")
-    p.add_argument("--pixel-size", type=_pixel_size, default=None, metavar="UM[,UM]",
+    p.add_argument("--pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
                    help="the source slide's pixel size in µm (one number, or row,col)")
-    p.add_argument("--target-pixel-size", type=_pixel_size, default=None, metavar="UM[,UM]",
+    p.add_argument("--target-pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
                    help="the target slide's pixel size in µm (default: --pixel-size)")
     p.add_argument("--pixel-size-from", default=None, metavar="SLIDE",
                    help="read the source pixel size from this slide's metadata (OME-TIFF, TIFF resolution, OME-Zarr)")
@@ -53,22 +39,11 @@ def _add_annotations_command(sub) -> None:
     p.set_defaults(func=cmd_transform_annotations)
 
 
-def _slide_pixel_size(path) -> tuple[float, float]:
-    from ..io import HistRegInputError
-    from ..slides.pixel_size import read_pixel_size
-
-    found = read_pixel_size(path)
-    if found is None:
-        raise HistRegInputError(f"{path}: no pixel size in its metadata (OME PhysicalSizeX/Y, TIFF resolution, "
-                                "OME-Zarr scale); give it with --pixel-size / --target-pixel-size")
-    return found
-
-
 def cmd_transform_annotations(args) -> int:
     from ..annotations import transform_geojson_file
 
-    pixel_size = args.pixel_size or (_slide_pixel_size(args.pixel_size_from) if args.pixel_size_from else None)
-    target = args.target_pixel_size or (_slide_pixel_size(args.target_pixel_size_from) if args.target_pixel_size_from else None)
+    pixel_size = args.pixel_size or (slide_pixel_size(args.pixel_size_from, '--pixel-size') if args.pixel_size_from else None)
+    target = args.target_pixel_size or (slide_pixel_size(args.target_pixel_size_from, '--target-pixel-size') if args.target_pixel_size_from else None)
     units = args.units or ("um" if (pixel_size or target) else "px")
     if units == "px" and (pixel_size or target):
         warnings.warn("pixel sizes are ignored with --units px", stacklevel=1)

@@ -179,3 +179,30 @@ def _pairs_exit_code(rows) -> int:
         print(f"histreg: error: {failed} of {len(rows)} pairs failed (see the 'error' column)", file=sys.stderr)
         return EXIT_PAIRS_FAILED
     return EXIT_OK
+
+
+def pixel_size_arg(text: str) -> tuple[float, float]:
+    """``--pixel-size`` and its kin: ``0.25`` (both axes) or ``0.25,0.26`` (row = y, col = x), in
+    µm (or any physical unit) per pixel, as ``(row, col)``."""
+    try:
+        values = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pixel size: {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"a pixel size is one or two positive numbers (µm per pixel, row,col), not {text!r}")
+    return values[0], values[1]
+
+
+def slide_pixel_size(path, option: str = "--pixel-size") -> tuple[float, float]:
+    """A slide's ``(row, col)`` pixel size from its metadata, or a bad-input error saying which
+    option gives it instead."""
+    from ..io import HistRegInputError
+    from ..slides.pixel_size import read_pixel_size
+
+    found = read_pixel_size(path)
+    if found is None:
+        raise HistRegInputError(f"{path}: no pixel size in its metadata (OME PhysicalSizeX/Y, Aperio MPP, TIFF resolution, "
+                                f"OME-Zarr scale); give it with {option}")
+    return found

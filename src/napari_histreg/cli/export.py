@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from .common import EXIT_OK, _add_overwrite_option, _say
-
-
-def _pixel_size(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
+from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, slide_pixel_size
 
 
 def _add_export_command(sub) -> None:
@@ -33,12 +22,17 @@ def _add_export_command(sub) -> None:
     p.add_argument("transform", metavar="TRANSFORM.json", help="a transform saved by histreg (the .json sidecar)")
     p.add_argument("--itk", metavar="OUT.h5", help="ITK transform file to write (.h5; .tfm / .txt: text, much larger)")
     p.add_argument("--affine-csv", metavar="OUT.csv", help="affine part as a 3x3 matrix CSV to write")
-    p.add_argument("--pixel-size", type=_pixel_size, default=None, metavar="UM",
-                   help="pixel size of both images in physical units (ITK spacing; default: 1, i.e. pixels)")
-    p.add_argument("--source-pixel-size", type=_pixel_size, default=None, metavar="UM",
+    p.add_argument("--pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
+                   help="pixel size of both images in physical units, one number or row,col (ITK spacing; default: 1, "
+                   "i.e. pixels)")
+    p.add_argument("--source-pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
                    help="pixel size of the source image (overrides --pixel-size)")
-    p.add_argument("--target-pixel-size", type=_pixel_size, default=None, metavar="UM",
+    p.add_argument("--target-pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
                    help="pixel size of the target image (overrides --pixel-size)")
+    p.add_argument("--source-pixel-size-from", default=None, metavar="SLIDE",
+                   help="read the source pixel size from this slide's metadata (OME-TIFF, TIFF resolution, OME-Zarr)")
+    p.add_argument("--target-pixel-size-from", default=None, metavar="SLIDE",
+                   help="read the target pixel size from this slide's metadata")
     p.add_argument("--displacement-only", action="store_true",
                    help="write one displacement field holding the whole map instead of affine + displacement")
     p.add_argument("--affine-direction", choices=("forward", "backward"), default="forward",
@@ -65,20 +59,28 @@ def cmd_export_transform(args) -> int:
     sidecar = Path(args.transform)
     inputs = [sidecar, sidecar.with_suffix(".mha")]
     check_export_outputs(args.itk, args.affine_csv, overwrite=args.overwrite, inputs=inputs)  # before writing either
-    default = args.pixel_size or 1.0
-    source_size = args.source_pixel_size or default
-    target_size = args.target_pixel_size or default
+    default = args.pixel_size or (1.0, 1.0)
+    source_size = args.source_pixel_size or (
+        slide_pixel_size(args.source_pixel_size_from, "--source-pixel-size") if args.source_pixel_size_from else default)
+    target_size = args.target_pixel_size or (
+        slide_pixel_size(args.target_pixel_size_from, "--target-pixel-size") if args.target_pixel_size_from else default)
+    # (row, col) on the command line, ITK's (x, y) = (col, row) for the transform
+    source_xy, target_xy = source_size[::-1], target_size[::-1]
     residual = affine_residual_px(result)
     kind = "affine only" if residual <= AFFINE_TOL_PX else f"non-rigid (up to {residual:.1f} px beyond its affine part)"
     _say(f"{sidecar.name}: source {result.source_shape[0]}x{result.source_shape[1]} -> target "
          f"{result.target_shape[0]}x{result.target_shape[1]}, {kind}")
     if args.itk:
-        write_itk_transform(result, args.itk, source_spacing=source_size, target_spacing=target_size,
+        write_itk_transform(result, args.itk, source_spacing=source_xy, target_spacing=target_xy,
                             composite=not args.displacement_only, overwrite=args.overwrite, inputs=inputs)
         what = "displacement field" if args.displacement_only else "affine + displacement field"
-        _say(f"written {args.itk} (ITK {what}; target -> source, pixel size source {source_size:g}, target {target_size:g})")
+        _say(f"written {args.itk} (ITK {what}; target -> source, pixel size (row, col) source {_size(source_size)}, target {_size(target_size)})")
     if args.affine_csv:
         write_affine_csv(result, args.affine_csv, args.affine_direction, overwrite=args.overwrite, inputs=inputs)
         note = "" if residual <= AFFINE_TOL_PX else "; the non-rigid part is only in the ITK file"
         _say(f"written {args.affine_csv} (3x3, (row, col) pixels, {args.affine_direction}{note})")
     return EXIT_OK
+
+
+def _size(row_col) -> str:
+    return f"{row_col[0]:g}" if row_col[0] == row_col[1] else f"{row_col[0]:g},{row_col[1]:g}"
