@@ -299,6 +299,28 @@ def test_map_source_to_target_inverts_analytic_field(dtype):
     assert cv.map_source_to_target(np.zeros((0, 2)), field).shape == (0, 2)
 
 
+def _swirl(shape=(160, 200), centre=(80.0, 100.0), angle_deg=110.0, radius=30.0) -> np.ndarray:
+    """A backward field that turns a Gaussian-windowed disc by up to ``angle_deg`` about ``centre``
+    (a smooth, invertible swirl): its Jacobian departs from its (identity) affine part by more
+    than 1, where a fixed-point iteration alone stalls."""
+    rows, cols = np.meshgrid(np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64), indexing="ij")
+    dr, dc = rows - centre[0], cols - centre[1]
+    theta = np.deg2rad(angle_deg) * np.exp(-(dr**2 + dc**2) / (2 * radius**2))
+    c, s = np.cos(theta), np.sin(theta)
+    return np.stack([c * dr - s * dc - dr, s * dr + c * dc - dc]).astype(np.float32)
+
+
+def test_map_source_to_target_inverts_a_strong_swirl_and_beyond_the_grid():
+    field = _swirl()
+    rng = np.random.default_rng(0)
+    inside = rng.uniform([40, 60], [120, 140], (400, 2))  # the swirl's core
+    outside = rng.uniform([-30, -30], [190, 230], (400, 2))  # the grid and around it
+    for points in (inside, outside):
+        mapped = cv.map_source_to_target(points, field)
+        back = cv.map_target_to_source(mapped, field)  # the exact direction
+        assert np.abs(back - points).max() < 0.01
+
+
 def test_invert_field_round_trip(device, dtype):
     shape = (96, 112)
     field, _ = _sinusoidal_field(shape, dtype=dtype, device=device)
