@@ -59,7 +59,8 @@ def _qc(viewer):
     _, _, target_pts_name, source_pts_name = sample_names()
     qc = LandmarksWidget(viewer)
     viewer.window.add_dock_widget(qc)
-    qc.target_points.value = viewer.layers[target_pts_name]  # chosen by hand: not the "target guides"
+    # chosen by itself, guide layers present or not: the landmarks, not the shorter-named "target guides"
+    assert qc.target_points.value is viewer.layers[target_pts_name]
     qc.moving_points.value = viewer.layers[f"{source_pts_name} registered"]
     return qc
 
@@ -84,6 +85,8 @@ def test_refine_meets_the_guides_and_updates_landmarks_and_qc(sample_viewer, qtb
     mapped = viewer.layers[f"{source_pts_name} registered"]
     qc = _qc(viewer)
     guides, _ = _add_guides(viewer)
+    # the QC table stays on the landmarks when guide layers arrive (it used to jump to "target guides")
+    assert qc.target_points.value is viewer.layers[sample_names()[2]]
     mapped_before = np.array(mapped.data)
     table_before = [list(row) for row in qc.table.data]
     stats_before = {i: e for i, e in zip(qc.stats["ids"], qc.stats["errors"])}

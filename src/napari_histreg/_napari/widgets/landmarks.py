@@ -72,13 +72,22 @@ def landmark_errors(target_points, moving_points, target_image=None) -> dict:
     }
 
 
+def not_guides(layers, word: str):
+    """The shortest-named layer with ``word`` in its name that is not a guide layer of *Refine
+    with landmarks* ("target guides" is a shorter name than "target landmarks", yet the QC table
+    is about the landmarks); None when there is none (the picker's own rules then apply)."""
+    found = [layer for layer in layers if word in layer.name.lower() and "guide" not in layer.name.lower()]
+    return min(found, key=lambda layer: len(layer.name)) if found else None
+
+
 class LandmarksWidget(Container):
     """rTRE per landmark and its median, live; save either landmark layer as an ANHIR CSV."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # noqa: F821
         self.viewer = napari_viewer = unwrap(napari_viewer)
         self.target_image = layer_picker(napari_viewer, "target image", ("image",), prefer="target")
-        self.target_points = layer_picker(napari_viewer, "target landmarks", ("points",), prefer="target")
+        self.target_points = layer_picker(napari_viewer, "target landmarks", ("points",), prefer="target",
+                                          choose=lambda layers: not_guides(layers, "target"))
         self.moving_points = layer_picker(napari_viewer, "registered landmarks", ("points",), prefer="registered")
         self.summary = Label(value="", label="median rTRE")
         self.table = Table(value=_table([]))
