@@ -33,18 +33,14 @@ def sitk_distances(result, target_points, spacing: float, composite: bool, folde
     exported file and ``result.map_target_points``; export seconds; file bytes."""
     import SimpleITK as sitk
 
-    from napari_histreg.conventions import physical_to_rc, rc_to_physical
-    from napari_histreg.export import write_itk_transform
+    from napari_histreg.export import sitk_map_target_points, write_itk_transform
 
     path = folder / f"export-{'composite' if composite else 'field'}.h5"
     spaces = {"source_spacing": spacing, "target_spacing": spacing, "source_origin": (12.5, -7.0), "target_origin": (-3.0, 4.0)}
     start = time.perf_counter()
     write_itk_transform(result, path, composite=composite, overwrite=True, **spaces)
     seconds = time.perf_counter() - start
-    transform = sitk.ReadTransform(str(path))
-    xy = rc_to_physical(target_points, spaces["target_spacing"], spaces["target_origin"])
-    mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in xy])
-    theirs = physical_to_rc(mapped, spaces["source_spacing"], spaces["source_origin"])
+    theirs = sitk_map_target_points(sitk.ReadTransform(str(path)), target_points, **spaces)
     ours = result.map_target_points(target_points)
     return np.linalg.norm(theirs - ours, axis=1), seconds, path.stat().st_size
 

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _napari_shot import run_widget, save_window
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "lung-lesion-1" / "scale-5pc"
 SOURCE, TARGET = "Izd2-29-041-w35_proSPC", "Izd2-29-041-w35_HE"
@@ -79,11 +81,9 @@ def main(argv=None) -> int:
     dock, widget = viewer.window.add_plugin_dock_widget("napari-histreg", "Transforms")
     widget.layer.value = shapes
     widget.target.value = viewer.layers[TARGET]
-    if widget.run() is None or not widget.wait(120) or widget.runner.outcome != "done":
-        print(f"could not transform: {widget.status}", file=sys.stderr)
+    if not run_widget(widget, 120, "the transform"):
         return 1
     mapped = viewer.layers[f"{shapes.name} transformed"]
-    print(widget.status)
 
     # side by side: the source with its annotations, the target with them mapped
     viewer.window.remove_dock_widget(dock)
@@ -101,10 +101,7 @@ def main(argv=None) -> int:
     canvas = viewer.window._qt_viewer.canvas.size  # noqa: SLF001 - script, not plugin code
     viewer.camera.center = (height / 2, width / 2)
     viewer.camera.zoom = 0.97 * min(canvas[1] / width, canvas[0] / height)
-    QApplication.processEvents()
-    viewer.screenshot(str(args.out), canvas_only=False)
-    print(f"saved {args.out}")
-    viewer.close()
+    save_window(viewer, args.out)
     return 0
 
 

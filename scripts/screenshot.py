@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
+
+from _napari_shot import run_widget, save_window
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,14 +38,8 @@ def main(argv=None) -> int:
     register.working_size.value = args.working_size
     register.show_vectors.value = True
 
-    start = time.monotonic()
-    if register.run() is None:
-        print(f"could not start: {register.status}", file=sys.stderr)
+    if not run_widget(register, args.timeout, "registration"):
         return 1
-    if not register.wait(args.timeout) or register.runner.outcome != "done":
-        print(f"registration did not finish: {register.status}", file=sys.stderr)
-        return 1
-    print(f"{register.status} (wall {time.monotonic() - start:.1f} s)")
 
     qc_dock, qc = viewer.window.add_plugin_dock_widget("napari-histreg", "Landmark QC")
     qc.update()
@@ -53,7 +48,7 @@ def main(argv=None) -> int:
     # give the QC table the room the Register widget does not need
     QApplication.processEvents()
     viewer.window._qt_window.resizeDocks([register_dock, qc_dock], [300, 700], Qt.Orientation.Vertical)  # noqa: SLF001
-    print(f"median rTRE {qc.stats.get('median_rtre', float('nan')):.5f} over {qc.stats.get('n', 0)} landmarks")
+    print(f"median rTRE {qc.stats.get('MrTRE', float('nan')):.5f} over {qc.stats.get('n', 0)} landmarks")
 
     # show the warped source over the target; the unregistered source and its landmarks off
     viewer.layers[SOURCE_NAME].visible = False
@@ -61,14 +56,7 @@ def main(argv=None) -> int:
     viewer.layers[TARGET_POINTS_NAME].visible = True
     viewer.layers.selection.active = viewer.layers[f"{SOURCE_NAME} registered"]
     viewer.reset_view()
-    for _ in range(20):
-        QApplication.processEvents()
-        time.sleep(0.05)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False, flash=False)
-    print(f"wrote {args.out}")
-    viewer.close()
+    save_window(viewer, args.out, settle=1.0)
     return 0
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
+
+from _napari_shot import run_widget, save_window
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "lung-lesion-1" / "grey-10pc-clahe"
@@ -34,7 +35,6 @@ def main(argv=None) -> int:
 
     import napari
     import numpy as np
-    from qtpy.QtWidgets import QApplication
 
     from napari_histreg._napari.layers import add_layers, landmark_layer
     from napari_histreg.io import read_image, read_landmarks
@@ -48,14 +48,8 @@ def main(argv=None) -> int:
         add_layers(viewer, [landmark_layer(points, ids, name=f"lung_lesion_{name}", visible=False)], owner="console")
 
     dock, widget = viewer.window.add_plugin_dock_widget("napari-histreg", "Register stack")
-    start = time.monotonic()
-    if widget.run() is None:
-        print(f"could not start: {widget.status}", file=sys.stderr)
+    if not run_widget(widget, args.timeout, "the stack"):
         return 1
-    if not widget.wait(args.timeout) or widget.runner.outcome != "done":
-        print(f"the stack did not finish: {widget.status}", file=sys.stderr)
-        return 1
-    print(f"{widget.status} (wall {time.monotonic() - start:.1f} s)")
     for row in widget.qc.value["data"]:
         print("  " + " | ".join(str(v) for v in row))
 
@@ -77,13 +71,7 @@ def main(argv=None) -> int:
     viewer.dims.ndisplay = 3
     viewer.camera.angles = (-10.0, 30.0, 100.0)
     viewer.camera.zoom = 0.9 * viewer.camera.zoom
-    QApplication.processEvents()
-    time.sleep(0.5)
-    QApplication.processEvents()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False)
-    print(f"written {args.out}")
-    viewer.close()
+    save_window(viewer, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ from napari_histreg import RegistrationResult
 from napari_histreg.conventions import (
     Frame,
     affine_to_field,
-    physical_to_rc,
     rc_to_physical,
     rotation_about,
 )
@@ -21,6 +20,7 @@ from napari_histreg.export import (
     affine_matrix_3x3,
     affine_residual_px,
     is_affine_only,
+    sitk_map_target_points,
     to_sitk_transform,
     write_affine_csv,
     write_itk_transform,
@@ -58,9 +58,7 @@ def _target_points(n: int = 300) -> np.ndarray:
 
 def _sitk_map(transform, points_rc, spaces=SPACES) -> np.ndarray:
     """Target (row, col) pixels through a SimpleITK transform, back to source (row, col) pixels."""
-    xy = rc_to_physical(points_rc, spaces["target_spacing"], spaces["target_origin"])
-    mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in xy])
-    return physical_to_rc(mapped, spaces["source_spacing"], spaces["source_origin"])
+    return sitk_map_target_points(transform, points_rc, **spaces)
 
 
 # --------------------------------------------------------------------------- ITK

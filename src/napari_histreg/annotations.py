@@ -213,13 +213,16 @@ def _parse_feature(feature: Any, index: int) -> dict:
     if props is not None and not isinstance(props, dict):
         raise HistRegInputError(f"{label}: 'properties' must be an object or null, not {type(props).__name__}")
     parsed = {}
-    for member, geometry in _geometry_members(feature):
+    for member, geometry in geometry_members(feature):
         where = label if member == "geometry" else f"{label} ({member})"
         parsed[member] = None if geometry is None else _parse_geometry(geometry, where)
     return parsed
 
 
-def _geometry_members(feature: dict):
+def geometry_members(feature: dict):
+    """``(member path, geometry)`` of every geometry a feature holds: ``geometry`` first, then
+    the :data:`EXTRA_GEOMETRIES` of the feature (``nucleusGeometry``) and of its ``properties``
+    (``properties.nucleusGeometry``); a member without a geometry is left out, ``geometry`` never."""
     yield "geometry", feature.get("geometry")
     for key in EXTRA_GEOMETRIES:
         if feature.get(key) is not None:
@@ -450,7 +453,7 @@ def transform_geojson(
     report.features = len(features_of(out))
 
     # densify and collect every position (pixels, (row, col)) for one batched mapping
-    seqs, originals = [], []
+    seqs = []
     for *_, parsed in entries:
         for seq in _walk(parsed):
             xy = seq.xy.copy()
@@ -459,7 +462,6 @@ def transform_geojson(
                 xy[:, 1] /= in_um[0]
             if seq.kind in ("line", "ring"):
                 xy, _ = densify(xy, max_edge, closed=seq.kind == "ring")
-            originals.append(seq.xy)
             seq.before = seq.xy
             seq.xy = xy
             seqs.append(seq)
@@ -473,13 +475,14 @@ def transform_geojson(
         if out_um is not None:
             mapped_xy = mapped_xy * np.array([out_um[1], out_um[0]])
         start = 0
-        for seq, n, before in zip(seqs, counts, originals):
+        for seq, n in zip(seqs, counts):
             new = seq.xy.copy()
             new[:, :2] = mapped_xy[start : start + n]
             start += n
             if seq.kind == "ring":
                 new[-1] = new[0]
-                if np.sign(_signed_area(new)) != np.sign(_signed_area(before)) and _signed_area(before) != 0:
+                area_before = _signed_area(seq.before)
+                if area_before != 0 and np.sign(_signed_area(new)) != np.sign(area_before):
                     new = new[::-1].copy()  # a mirroring transform: keep the ring's orientation
             seq.xy = new
         report.points = int(sum(counts))

@@ -580,12 +580,9 @@ def compose_affines_between_frames(outer_matrix, outer_source_frame: Frame, inne
     three points.
 
     Convention: 2x3 backward ``(row, col)`` affines in working pixels."""
-    def apply(matrix, points):
-        m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
-        return points @ m[:, :2].T + m[:, 2]
-
     basis = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    mapped = apply(inner_matrix, inner_target_frame.to_working(outer_source_frame.to_original(apply(outer_matrix, basis))))
+    on_b = outer_source_frame.to_original(apply_homogeneous(outer_matrix, basis))
+    mapped = apply_homogeneous(inner_matrix, inner_target_frame.to_working(on_b))
     return np.column_stack([mapped[1] - mapped[0], mapped[2] - mapped[0], mapped[0]])
 
 

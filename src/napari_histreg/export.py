@@ -34,6 +34,8 @@ from .conventions import (
     frame_matrix,
     homogeneous,
     physical_matrix,
+    physical_to_rc,
+    rc_to_physical,
 )
 
 #: file suffixes SimpleITK writes a composite with a displacement field to and reads back
@@ -53,6 +55,7 @@ __all__ = [
     "check_export_outputs",
     "is_affine_only",
     "physical_affine",
+    "sitk_map_target_points",
     "to_sitk_transform",
     "write_affine_csv",
     "write_itk_transform",
@@ -194,6 +197,18 @@ def to_sitk_transform(result, source_spacing=(1.0, 1.0), target_spacing=(1.0, 1.
     out.AddTransform(linear)
     out.AddTransform(field)  # added last: applied first
     return out
+
+
+def sitk_map_target_points(transform, points_rc, source_spacing=(1.0, 1.0), target_spacing=(1.0, 1.0),
+                           source_origin=(0.0, 0.0), target_origin=(0.0, 0.0)) -> np.ndarray:
+    """Target ``(row, col)`` pixels through a SimpleITK transform (``TransformPoint``, target ->
+    source), back in source ``(row, col)`` pixels: what another program applying an export does,
+    to compare with :meth:`~napari_histreg.result.RegistrationResult.map_target_points`.
+
+    Convention: as :func:`to_sitk_transform`."""
+    xy = rc_to_physical(points_rc, target_spacing, target_origin)
+    mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in xy]).reshape(-1, 2)
+    return physical_to_rc(mapped, source_spacing, source_origin)
 
 
 def _is_itk_export(path) -> bool:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 
 import numpy as np
 import torch
 
-from .conventions import Frame, affine_to_field, identity_grid, map_target_to_source
+from .conventions import Frame, affine_to_field, apply_homogeneous, identity_grid, map_target_to_source
 from .io import HistRegInputError
 from .result import RegistrationResult
 
@@ -111,11 +110,6 @@ def fit_backward_affine(source_rc, target_rc, model: str = "affine") -> np.ndarr
     return np.hstack([linear, (mu_s - linear @ mu_t)[:, None]])
 
 
-def apply_affine(matrix, points_rc) -> np.ndarray:
-    m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
-    return np.asarray(points_rc, dtype=np.float64) @ m[:, :2].T + m[:, 2]
-
-
 # --------------------------------------------------------------------------- the field through the guides
 def guide_misses(field, source_w, target_w, source_frame: Frame | None = None) -> np.ndarray:
     """Distance between where ``field`` sends each target guide and its source guide: working
@@ -158,6 +152,7 @@ def guided_run(pipeline, source: np.ndarray, target: np.ndarray, guide_points, g
                progress=None, name: str | None = None) -> RegistrationResult:
     """``pipeline``'s registration of ``source`` onto ``target`` guided by ``guide_points``
     (``(source_rc, target_rc)``, original pixels): see the module docstring."""
+    from .pipeline import warn_if_needs_check
     from .stages.preprocess import level_cache
     from .threads import torch_threads
 
@@ -166,9 +161,9 @@ def guided_run(pipeline, source: np.ndarray, target: np.ndarray, guide_points, g
     with torch_threads(pipeline.threads) as threads, level_cache():
         automatic = pipeline._run(source, target, progress, name, warn=False)
         source_w, target_w = guides_in_working(automatic, source_rc, target_rc)
-        result = _guided_from(pipeline, automatic, source_w, target_w, guide, progress, restart_allowed=True)
+        result = _guided_from(pipeline, automatic, source_w, target_w, guide, progress)
     result.info["threads"] = threads
-    _warn_if_flagged(result, name)
+    warn_if_needs_check(result.confidence, name)
     return result
 
 
@@ -179,7 +174,7 @@ def refine_result(result: RegistrationResult, source_points, target_points, *, p
     *Refine with landmarks*. The result's working images are used when it holds them (a result
     of this session); otherwise ``source_image`` / ``target_image`` are preprocessed again with
     ``config`` (a loaded transform: its working grid must come out the same)."""
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, warn_if_needs_check
     from .stages.preprocess import level_cache
     from .threads import torch_threads
 
@@ -202,17 +197,17 @@ def refine_result(result: RegistrationResult, source_points, target_points, *, p
                     f"{tuple(result.working_field.shape[1:])}: they are not the images (or settings) it was computed with")
             result = dataclasses.replace(result, working_source=pair.source, working_target=pair.target)
         source_w, target_w = guides_in_working(result, source_rc, target_rc)
-        refined = _guided_from(pipeline, result, source_w, target_w, guide, progress, restart_allowed=True)
-    _warn_if_flagged(refined, None)
+        refined = _guided_from(pipeline, result, source_w, target_w, guide, progress)
+    warn_if_needs_check(refined.confidence)
     return refined
 
 
-def _guided_from(pipeline, automatic: RegistrationResult, source_w, target_w, guide: GuideConfig, progress,
-                 restart_allowed: bool) -> RegistrationResult:
+def _guided_from(pipeline, automatic: RegistrationResult, source_w, target_w, guide: GuideConfig,
+                 progress) -> RegistrationResult:
     """The guided result, starting from an automatic one on the same working grid."""
     from .confidence import judge, measure
     from .stages.affine import optimise_affine
-    from .stages.nonrigid import DenseConfig, dense_nonrigid
+    from .stages.nonrigid import dense_nonrigid
 
     c = pipeline.config
     src, tgt = automatic.working_source, automatic.working_target
@@ -223,23 +218,21 @@ def _guided_from(pipeline, automatic: RegistrationResult, source_w, target_w, gu
     diagonal = float(np.hypot(*tgt.shape))
     model = model_for(len(source_w), guide.model)
     points_matrix = fit_backward_affine(source_w, target_w, model)
-    points_miss = float(np.median(np.linalg.norm(apply_affine(points_matrix, target_w) - source_w, axis=1)))
-    auto_miss = float(np.median(np.linalg.norm(apply_affine(matrix, target_w) - source_w, axis=1)))
+    points_miss = _median_miss(points_matrix, source_w, target_w)
+    auto_miss = _median_miss(matrix, source_w, target_w)
     field_before = float(np.median(guide_misses(automatic.working_field, source_w, target_w)))
-    restart = restart_allowed and auto_miss > max(AFFINE_DISAGREEMENT * diagonal, 3.0 * points_miss)
+    restart = auto_miss > max(AFFINE_DISAGREEMENT * diagonal, 3.0 * points_miss)
     start = time.perf_counter()
     if restart:
         # the points say the automatic affine is wrong: start from theirs; the affine stage's
         # NCC optimisation may improve it, but may not take it away from the guides again
         refined = optimise_affine(src, tgt, points_matrix, c.affine, device, progress) if model == "affine" else points_matrix
-        refined_miss = float(np.median(np.linalg.norm(apply_affine(refined, target_w) - source_w, axis=1)))
-        matrix = refined if refined_miss <= max(1.5 * points_miss, points_miss + 2.0) else points_matrix
+        matrix = refined if _median_miss(refined, source_w, target_w) <= max(1.5 * points_miss, points_miss + 2.0) else points_matrix
         initial_field = affine_to_field(matrix, tgt.shape)[0].numpy()
     else:
         initial_field = np.asarray(automatic.working_field, dtype=np.float32)
     if restart or guide.reoptimise:
-        dense = c.dense if isinstance(c.dense, DenseConfig) else DenseConfig()
-        field = dense_nonrigid(src, tgt, initial_field, dense, device, progress,
+        field = dense_nonrigid(src, tgt, initial_field, c.dense, device, progress,
                                guides=(np.asarray(source_w), np.asarray(target_w), guide.weight))
     else:
         field = initial_field
@@ -272,25 +265,23 @@ def _guided_from(pipeline, automatic: RegistrationResult, source_w, target_w, gu
                               timings, info, src, tgt)
 
 
-def _warn_if_flagged(result: RegistrationResult, name: str | None) -> None:
-    from .confidence import describe
-    from .pipeline import RegistrationNeedsCheck
-
-    if result.confidence.get("flag", "ok") != "ok":
-        warnings.warn(f"{name or 'this registration'} needs a look: {describe(result.confidence)}", RegistrationNeedsCheck, stacklevel=3)
+def _median_miss(matrix, source_w, target_w) -> float:
+    """Median distance (working pixels) between where a 2x3 backward affine sends the target
+    guides and their source guides."""
+    return float(np.median(np.linalg.norm(apply_homogeneous(matrix, target_w) - source_w, axis=1)))
 
 
 def turned_result(result: RegistrationResult, angle: float = 90.0) -> RegistrationResult:
     """``result`` made to fail, for tests and benchmarks: its map preceded by a turn of ``angle``
     degrees about the working grid's centre (``s = M(R p)``; the field composed the same way)."""
     from .conventions import compose, rotation_about, to_tensor
+    from .stages.initial import compose_affine
 
     h, w = result.working_field.shape[1:]
     turn = rotation_about(((h - 1) / 2, (w - 1) / 2), angle)
     with torch.no_grad():
         field = compose(affine_to_field(turn, (h, w)), to_tensor(result.working_field)[None])[0].numpy()
-    m = np.asarray(result.matrix, dtype=np.float64)
-    matrix = np.hstack([m[:, :2] @ turn[:, :2], (m[:, :2] @ turn[:, 2] + m[:, 2])[:, None]])
+    matrix = compose_affine(result.matrix, turn)
     return dataclasses.replace(result, working_field=field.astype(np.float32), matrix=matrix, info=dict(result.info))
 
 

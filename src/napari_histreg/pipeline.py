@@ -335,10 +335,17 @@ class Pipeline:
         timings["confidence"] = round(time.perf_counter() - start, 4)
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
-        if warn and info["confidence"]["flag"] != "ok":
-            warnings.warn(f"{name or 'this registration'} needs a look: {describe(info['confidence'])}",
-                          RegistrationNeedsCheck, stacklevel=3)
+        if warn:
+            warn_if_needs_check(info["confidence"], name, stacklevel=4)
         return self.result(pair, matrix, field, info, timings)
+
+
+def warn_if_needs_check(confidence: dict, name: str | None = None, stacklevel: int = 3) -> None:
+    """A :class:`RegistrationNeedsCheck` warning naming the pair when ``confidence`` (a result's
+    ``info["confidence"]``) is flagged: stderr on the command line, a notification in napari."""
+    if (confidence or {}).get("flag", "ok") != "ok":
+        warnings.warn(f"{name or 'this registration'} needs a look: {describe(confidence)}", RegistrationNeedsCheck,
+                      stacklevel=stacklevel)
 
 
 def working_fingerprint(working_source: np.ndarray, frame, inverted: bool) -> dict:

@@ -38,7 +38,7 @@ SPINCOUNT = "10000"
 #: GUI thread, or ``register`` on a Python thread) has one OpenMP team per thread, so on 2 cores it
 #: was always "throttled": the same registration took 2.3x longer on a worker thread than on the
 #: main thread (the dense non-rigid stage's small kernels wait at every parallel region); with
-#: ``active`` 1.1x (benchmarks/README.md, "Worker threads"). With ``GOMP_SPINCOUNT`` set the main
+#: ``active`` 1.1x (README, "Threads on a busy machine"). With ``GOMP_SPINCOUNT`` set the main
 #: spin count stays 10 000: an idle thread still sleeps after it.
 WAIT_POLICY = "active"
 _FRESH = 30.0  # seconds: a previous look older than this is not used

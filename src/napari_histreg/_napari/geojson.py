@@ -20,14 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from ..annotations import (
+    DECIMALS,
     EXTRA_GEOMETRIES,
     feature_label,
     features_of,
+    geometry_members,
     is_geojson,
     validate_geojson,
     write_geojson,
 )
 from ..io import HistRegInputError
+from .readers import _paths
+from .transform_layers import _densify_shape
 
 COLUMNS = ("feature", "member", "geometry", "part", "ring", "classification", "name", "object_type", "geojson")
 DEFAULTS = {"feature": -1, "member": "geometry", "geometry": "", "part": 0, "ring": -1, "classification": "",
@@ -36,10 +40,6 @@ DEFAULT_COLOUR = "yellow"
 
 
 # --------------------------------------------------------------------------- reader
-def _paths(path) -> list[Path]:
-    return [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
-
-
 def is_geojson_path(path) -> bool:
     """A ``.geojson`` file, or a ``.json`` file holding GeoJSON (not a napari-histreg transform)."""
     path = Path(path)
@@ -68,7 +68,7 @@ def read_geojson_layers(path) -> list[tuple]:
     from ..annotations import read_geojson
 
     layers = []
-    for p in _paths(path):
+    for p in _paths(path) or []:
         layers += geojson_to_layers(read_geojson(p), name=p.stem.removesuffix(".geojson"), source=str(p))
     return layers
 
@@ -107,12 +107,9 @@ def geojson_to_layers(data, name: str = "annotations", source: str | None = None
         base = {"feature": index, "classification": _text(props.get("classification")), "name": _text(props.get("name")),
                 "object_type": _text(props.get("objectType")), "geojson": json.dumps(rest)}
         colour = _colour(props)
-        members = [("geometry", feature.get("geometry"))]
-        members += [(k, feature[k]) for k in EXTRA_GEOMETRIES if feature.get(k) is not None]
-        members += [(f"properties.{k}", props[k]) for k in EXTRA_GEOMETRIES if isinstance(props, dict) and props.get(k) is not None]
         if feature.get("geometry") is None:
             empty[index] = feature  # no geometry: kept in the layer's metadata
-        for member, geometry in members:
+        for member, geometry in geometry_members(feature):
             if geometry is None:
                 continue
             kind = geometry["type"]
@@ -197,8 +194,6 @@ def _feature_index(value) -> int:
 
 def layers_to_geojson(layer_data: list) -> dict:
     """``[(data, meta, layer_type), ...]`` (Shapes, Points) -> a GeoJSON FeatureCollection."""
-    from .transform_layers import _densify_shape
-
     grouped: dict = {}  # (feature index, geojson text) -> {member: [(geometry type, part, ring, kind, xy)]}
     new_features = []
     collection: dict = {}
@@ -223,7 +218,7 @@ def layers_to_geojson(layer_data: list) -> dict:
             xy = rc[:, ::-1]
             index, text = _feature_index(cols["feature"][k]), cols["geojson"][k]
             if index < 0 or not isinstance(text, str) or not text:
-                new_features.append(_new_feature(xy, shape_type, _densify_shape))
+                new_features.append(_new_feature(xy, shape_type))
                 continue
             key = (index, text)
             entry = (str(cols["geometry"][k]), int(cols["part"][k]), int(cols["ring"][k]), shape_type, xy)
@@ -251,7 +246,7 @@ def layers_to_geojson(layer_data: list) -> dict:
 
 def _closed(xy) -> list:
     xy = np.asarray(xy, dtype=np.float64)
-    values = np.round(xy, 4).tolist()
+    values = np.round(xy, DECIMALS).tolist()
     return values + [values[0]]
 
 
@@ -259,13 +254,13 @@ def _rebuild(entries) -> dict:
     kind = entries[0][0]
     entries = sorted(entries, key=lambda e: (e[1], e[2]))
     if kind == "Point":
-        return {"type": kind, "coordinates": np.round(entries[0][4][0], 4).tolist()}
+        return {"type": kind, "coordinates": np.round(entries[0][4][0], DECIMALS).tolist()}
     if kind == "MultiPoint":
-        return {"type": kind, "coordinates": [np.round(e[4][0], 4).tolist() for e in entries]}
+        return {"type": kind, "coordinates": [np.round(e[4][0], DECIMALS).tolist() for e in entries]}
     if kind == "LineString":
-        return {"type": kind, "coordinates": np.round(entries[0][4], 4).tolist()}
+        return {"type": kind, "coordinates": np.round(entries[0][4], DECIMALS).tolist()}
     if kind == "MultiLineString":
-        return {"type": kind, "coordinates": [np.round(e[4], 4).tolist() for e in entries]}
+        return {"type": kind, "coordinates": [np.round(e[4], DECIMALS).tolist() for e in entries]}
     polygons: dict = {}
     for _, part, ring, _, xy in entries:
         polygons.setdefault(part, []).append(_closed(xy))
@@ -275,14 +270,14 @@ def _rebuild(entries) -> dict:
     return {"type": "MultiPolygon", "coordinates": rings}
 
 
-def _new_feature(xy, shape_type: str, densify_shape) -> dict:
+def _new_feature(xy, shape_type: str) -> dict:
     """A shape or point drawn in napari as a new QuPath annotation."""
     if shape_type == "point":
-        geometry = {"type": "Point", "coordinates": np.round(xy[0], 4).tolist()}
+        geometry = {"type": "Point", "coordinates": np.round(xy[0], DECIMALS).tolist()}
     elif shape_type in ("path", "line"):
-        geometry = {"type": "LineString", "coordinates": np.round(xy, 4).tolist()}
+        geometry = {"type": "LineString", "coordinates": np.round(xy, DECIMALS).tolist()}
     else:
         if shape_type == "ellipse":
-            xy = densify_shape(xy[:, ::-1], "ellipse")[0][:, ::-1]
+            xy = _densify_shape(xy[:, ::-1], "ellipse")[0][:, ::-1]
         geometry = {"type": "Polygon", "coordinates": [_closed(xy)]}
     return {"type": "Feature", "geometry": geometry, "properties": {"objectType": "annotation"}}

@@ -72,6 +72,15 @@ class LayerRef:
             return coords @ m[:-1, :-1].T + m[:-1, -1]
         return coords * np.asarray(self.scale) + np.asarray(self.translate)
 
+    def world_matrix_2d(self) -> np.ndarray:
+        """3x3 data -> world matrix of the last two axes ``(row, col)``."""
+        if self.world_matrix is not None:
+            return np.asarray(self.world_matrix, dtype=np.float64)[-3:, -3:]
+        out = np.eye(3)
+        out[[0, 1], [0, 1]] = self.scale[-2:]
+        out[:2, 2] = self.translate[-2:]
+        return out
+
     def to_data(self, world) -> np.ndarray:
         world = np.asarray(world, dtype=np.float64).reshape(-1, len(self.scale))
         if self.world_matrix is not None:
@@ -94,6 +103,8 @@ def snapshot(layer) -> LayerRef:
         extra["edge_width"] = list(layer.edge_width)
     if kind == "points":
         extra["size"] = np.asarray(layer.size).copy()
+    if kind in ("points", "shapes"):
+        extra["metadata"] = dict(getattr(layer, "metadata", None) or {})  # GeoJSON collection members travel with them
     if kind == "image":
         extra["colormap"] = getattr(layer.colormap, "name", None)
         extra["contrast_limits"] = tuple(layer.contrast_limits)
@@ -485,7 +496,7 @@ def map_points_layer(result, points, *, source_image=None, target_layer=None, na
     else:
         rc = points_in_pixels(ref)
         source_shape = None
-    rc = _to_registered_resolution(rc, result, source_shape)
+    rc = to_registered_pixels(rc, source_shape, result.source_shape)
     mapped = result.map_source_points(rc) if len(rc) else np.zeros((0, 2))
     ids = landmark_ids(ref.features, len(rc)) if ref.features is not None else None
     size = float(np.median(ref.extra["size"])) if ref.extra.get("size") is not None and np.size(ref.extra["size"]) else None
@@ -495,13 +506,15 @@ def map_points_layer(result, points, *, source_image=None, target_layer=None, na
     )
 
 
-def _to_registered_resolution(rc, result, image_shape):
-    """Pixels of the shown source image (``image_shape``) -> pixels of the registered one."""
+def to_registered_pixels(rc, shown_shape, registered_shape) -> np.ndarray:
+    """``(row, col)`` pixels of an image as shown (``shown_shape``: a pyramid level, a layer at
+    another resolution; None: as registered) -> pixels of the image at the resolution it was
+    registered at (``registered_shape``)."""
     from ..conventions import rescale_pixels
 
-    if image_shape is None or tuple(image_shape) == tuple(result.source_shape):
+    if shown_shape is None or tuple(shown_shape[:2]) == tuple(registered_shape[:2]):
         return np.asarray(rc, dtype=np.float64)
-    return rescale_pixels(rc, np.asarray(result.source_shape, dtype=np.float64) / np.asarray(image_shape[:2], dtype=np.float64))
+    return rescale_pixels(rc, np.asarray(registered_shape[:2], dtype=np.float64) / np.asarray(shown_shape[:2], dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- viewer updates

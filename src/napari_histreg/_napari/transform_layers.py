@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import background_value
-from .layers import LayerDataTuple, image_array, map_points_layer, placement, snapshot, warped_name
+from .layers import LayerDataTuple, image_array, map_points_layer, placement, points_in_pixels, snapshot, warped_name
 
 
 def transform_layer(result, layer, *, target_layer=None, source_image=None, name: str | None = None,
@@ -108,9 +108,7 @@ def _has_annotation_features(ref) -> bool:
 def _map_points_keeping_features(result, ref, frame, place, name, inverse) -> LayerDataTuple:
     """Points mapped either way with every feature kept (``frame``: the image whose pixels the
     points are in; ``place``: the layer the output is placed on)."""
-    rc = np.asarray(ref.data, dtype=np.float64).reshape(-1, np.shape(ref.data)[-1] if len(ref.data) else 2)[:, -2:]
-    if frame is not None and len(rc):
-        rc = frame.to_data(ref.to_world(np.asarray(ref.data, dtype=np.float64)))[:, -2:]
+    rc = points_in_pixels(ref, frame)
     mapping = result.map_target_points if inverse else result.map_source_points
     mapped = mapping(rc) if len(rc) else np.zeros((0, 2))
     kw: dict = {"name": name}
@@ -126,10 +124,12 @@ def _map_points_keeping_features(result, ref, frame, place, name, inverse) -> La
     return (mapped, kw, "points")
 
 
-def _densify_shape(verts: np.ndarray, kind: str, pieces: int = 16, max_edge: float | None = None) -> tuple[np.ndarray, str]:
-    """Vertices of a shape as a polygon/path with ``pieces`` points per edge (ellipses: 64), or,
-    with ``max_edge`` (pixels), as many as make every piece at most that long (at most 256 per
-    edge; an already dense outline, as QuPath writes, gets none)."""
+def _densify_shape(verts: np.ndarray, kind: str, max_edge: float | None = None) -> tuple[np.ndarray, str]:
+    """Vertices of a shape as a polygon (ellipses: 64 points) or a path, every edge cut into
+    pieces at most ``max_edge`` pixels long (:func:`napari_histreg.annotations.densify`, the
+    GeoJSON mapping's own rule: an already dense outline, as QuPath writes, gets none)."""
+    from ..annotations import densify
+
     if kind == "ellipse":
         centre = verts.mean(axis=0)
         # napari ellipse vertices are the 4 corners of the bounding box (possibly rotated)
@@ -138,16 +138,8 @@ def _densify_shape(verts: np.ndarray, kind: str, pieces: int = 16, max_edge: flo
         t = np.linspace(0, 2 * np.pi, 64, endpoint=False)[:, None]
         return centre + np.cos(t) * a + np.sin(t) * b, "polygon"
     closed = kind in ("rectangle", "polygon")
-    pts = np.vstack([verts, verts[:1]]) if closed else verts
-    dense = [pts[0][None]]
-    for p, q in zip(pts[:-1], pts[1:]):
-        n = pieces if max_edge is None else int(np.clip(np.ceil(np.hypot(*(q - p)) / max_edge), 1, 256))
-        s = np.linspace(0, 1, n + 1)[1:, None]
-        dense.append(p + s * (q - p))
-    dense = np.vstack(dense)
-    if closed:
-        dense = dense[:-1]
-    return dense, ("polygon" if closed else "path")
+    dense, _ = densify(np.vstack([verts, verts[:1]]) if closed else verts, max_edge, closed=closed)
+    return (dense[:-1] if closed else dense), ("polygon" if closed else "path")
 
 
 def affine_layer(result, source_layer, target_layer=None, name: str | None = None) -> LayerDataTuple:
@@ -173,13 +165,7 @@ def affine_layer(result, source_layer, target_layer=None, name: str | None = Non
         to_world = np.eye(3)
     else:
         to_target_data = rescale_matrix(np.asarray(tgt.shape[:2], float) / np.asarray(result.target_shape, float))
-        if tgt.world_matrix is not None:
-            world = np.asarray(tgt.world_matrix, dtype=np.float64)[-3:, -3:]
-        else:
-            world = np.eye(3)
-            world[[0, 1], [0, 1]] = tgt.scale[-2:]
-            world[:2, 2] = tgt.translate[-2:]
-        to_world = world @ to_target_data
+        to_world = tgt.world_matrix_2d() @ to_target_data
     kw: dict = {"name": name or f"{src.name} affine", "affine": to_world @ forward @ to_registered_source,
                 "rgb": src.rgb, "multiscale": src.multiscale}
     if src.extra.get("colormap") and not src.rgb:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, slide_pixel_size
+from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, pixel_size_option
 
 
 def _add_annotations_command(sub) -> None:
@@ -42,8 +42,8 @@ def _add_annotations_command(sub) -> None:
 def cmd_transform_annotations(args) -> int:
     from ..annotations import transform_geojson_file
 
-    pixel_size = args.pixel_size or (slide_pixel_size(args.pixel_size_from, '--pixel-size') if args.pixel_size_from else None)
-    target = args.target_pixel_size or (slide_pixel_size(args.target_pixel_size_from, '--target-pixel-size') if args.target_pixel_size_from else None)
+    pixel_size = pixel_size_option(args.pixel_size, args.pixel_size_from, "--pixel-size")
+    target = pixel_size_option(args.target_pixel_size, args.target_pixel_size_from, "--target-pixel-size")
     units = args.units or ("um" if (pixel_size or target) else "px")
     if units == "px" and (pixel_size or target):
         warnings.warn("pixel sizes are ignored with --units px", stacklevel=1)

@@ -195,6 +195,14 @@ def pixel_size_arg(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def pixel_size_option(given, slide, option: str, default=None):
+    """The pixel size a command was given: ``given`` (an option's value), else read from
+    ``slide``'s metadata (its ``...-from SLIDE`` option), else ``default``."""
+    if given:
+        return given
+    return slide_pixel_size(slide, option) if slide else default
+
+
 def slide_pixel_size(path, option: str = "--pixel-size") -> tuple[float, float]:
     """A slide's ``(row, col)`` pixel size from its metadata, or a bad-input error saying which
     option gives it instead."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, slide_pixel_size
+from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, pixel_size_option
 
 
 def _add_export_command(sub) -> None:
@@ -60,10 +60,8 @@ def cmd_export_transform(args) -> int:
     inputs = [sidecar, sidecar.with_suffix(".mha")]
     check_export_outputs(args.itk, args.affine_csv, overwrite=args.overwrite, inputs=inputs)  # before writing either
     default = args.pixel_size or (1.0, 1.0)
-    source_size = args.source_pixel_size or (
-        slide_pixel_size(args.source_pixel_size_from, "--source-pixel-size") if args.source_pixel_size_from else default)
-    target_size = args.target_pixel_size or (
-        slide_pixel_size(args.target_pixel_size_from, "--target-pixel-size") if args.target_pixel_size_from else default)
+    source_size = pixel_size_option(args.source_pixel_size, args.source_pixel_size_from, "--source-pixel-size", default)
+    target_size = pixel_size_option(args.target_pixel_size, args.target_pixel_size_from, "--target-pixel-size", default)
     # (row, col) on the command line, ITK's (x, y) = (col, row) for the transform
     source_xy, target_xy = source_size[::-1], target_size[::-1]
     residual = affine_residual_px(result)

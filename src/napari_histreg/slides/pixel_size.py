@@ -103,6 +103,8 @@ def _tiff_pixel_size(path: Path) -> tuple[float, float] | None:
 
 
 def _zarr_pixel_size(path: Path) -> tuple[float, float] | None:
+    from .read import _multiscales_of
+
     for name in ("zarr.json", ".zattrs"):
         meta = path / name
         if meta.is_file():
@@ -111,32 +113,26 @@ def _zarr_pixel_size(path: Path) -> tuple[float, float] | None:
             except (OSError, ValueError):
                 return None
             attrs = attrs.get("attributes", attrs) if name == "zarr.json" else attrs
-            ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
-            multiscales = ome.get("multiscales")
+            multiscales, _ = _multiscales_of(attrs)
             if multiscales:
                 return _multiscale_pixel_size(multiscales[0])
     return None
 
 
 def _multiscale_pixel_size(multiscale: dict) -> tuple[float, float] | None:
+    """The OME-Zarr slide reader's own reading of axes and scales (``slides.read``), times the
+    y / x axes' length units."""
+    from .read import _axes_letters, _scale_of
+
     axes = multiscale.get("axes") or []
-    names = [(a.get("name") if isinstance(a, dict) else str(a)).lower() for a in axes]
-    if "y" not in names or "x" not in names:
+    letters = _axes_letters(multiscale, len(axes)) if axes else ""
+    if "Y" not in letters or "X" not in letters:
         return None
-    iy, ix = names.index("y"), names.index("x")
-    units = [_um_per(axes[i].get("unit")) if isinstance(axes[i], dict) else None for i in (iy, ix)]
-    if None in units:
-        return None
-
-    def scale_of(transforms):
-        for transform in transforms or []:
-            if transform.get("type") == "scale" and len(transform.get("scale", [])) == len(axes):
-                return [float(s) for s in transform["scale"]]
-        return [1.0] * len(axes)
-
+    units = [_um_per(axes[letters.index(a)].get("unit")) if isinstance(axes[letters.index(a)], dict) else None
+             for a in "YX"]
     datasets = multiscale.get("datasets") or []
-    if not datasets:
+    if None in units or not datasets:
         return None
-    first = scale_of(datasets[0].get("coordinateTransformations"))
-    overall = scale_of(multiscale.get("coordinateTransformations"))
-    return _positive((first[iy] * overall[iy] * units[0], first[ix] * overall[ix] * units[1]))
+    first = _scale_of(datasets[0], letters) or (1.0, 1.0)
+    overall = _scale_of(multiscale, letters) or (1.0, 1.0)  # a multiscale-wide transformation, if any
+    return _positive((first[0] * overall[0] * units[0], first[1] * overall[1] * units[1]))

@@ -6,6 +6,7 @@ layers the Register widget makes (updated in place) and the session (Transforms,
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..layers import (
     result_to_layers,
     shown_field_layers,
     snapshot,
+    to_registered_pixels,
     unwrap,
     warped_name,
 )
@@ -49,7 +51,8 @@ def pair_guides(source_ids, target_ids, n_source: int, n_target: int) -> tuple[n
         common = {str(i) for i in source_ids if str(i)} & {str(i) for i in target_ids if str(i)}
         if common:
             for ids, which in ((source_ids, "source"), (target_ids, "target")):
-                repeated = sorted({i for i in map(str, ids) if i in common and list(map(str, ids)).count(i) > 1})
+                counts = Counter(map(str, ids))
+                repeated = sorted(i for i in common if counts[i] > 1)
                 if repeated:
                     raise ValueError(f"id {', '.join(repeated)} repeated in the {which} guide points: "
                                      "give each point its own id")
@@ -73,16 +76,6 @@ def _ids_of(layer):
     if features is None or "id" not in getattr(features, "columns", ()):
         return None
     return landmark_ids(features, len(layer.data))
-
-
-def _rescaled(points_rc, shown_shape, registered_shape) -> np.ndarray:
-    """Pixels of the shown image -> pixels of the image at the registered resolution."""
-    from ...conventions import rescale_pixels
-
-    if tuple(shown_shape[:2]) == tuple(registered_shape[:2]):
-        return np.asarray(points_rc, dtype=np.float64)
-    factor = np.asarray(registered_shape[:2], dtype=np.float64) / np.asarray(shown_shape[:2], dtype=np.float64)
-    return rescale_pixels(points_rc, factor)
 
 
 class GuidedWidget(RunWidget):
@@ -172,8 +165,8 @@ class GuidedWidget(RunWidget):
             source_rc = points_in_pixels(s_ref, src_level)[s_idx]
             target_rc = points_in_pixels(t_ref, tgt_level)[t_idx]
             if model is None:
-                source_rc = _rescaled(source_rc, src_level.shape, base.source_shape)
-                target_rc = _rescaled(target_rc, tgt_level.shape, base.target_shape)
+                source_rc = to_registered_pixels(source_rc, src_level.shape, base.source_shape)
+                target_rc = to_registered_pixels(target_rc, tgt_level.shape, base.target_shape)
                 report(progress, "guide", 0, 1, f"refining through {len(source_rc)} point pairs")
                 held = base.working_source is not None and base.working_target is not None
                 result = refine_result(base, source_rc, target_rc, source_image=None if held else src_level.data,

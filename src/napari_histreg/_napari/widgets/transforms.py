@@ -163,8 +163,6 @@ class TransformsWidget(RunWidget):
         if layer is None:
             raise ValueError("choose a layer to transform")
         ref = snapshot(layer)
-        if ref.kind in ("points", "shapes"):
-            ref.extra["metadata"] = dict(getattr(layer, "metadata", None) or {})  # GeoJSON collection members
         target = snapshot(self.target.value)
         source_image = snapshot(self.source_image.value)
         inverse = bool(self.inverse.value)
