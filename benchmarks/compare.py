@@ -106,7 +106,7 @@ STAGE_ORDER = ("preprocess", "mask", "initial", "affine", "nonrigid", "registrat
 ROW_COLUMNS = (
     "status", "pair", "source", "target", "method", "device", "initial_MrTRE", "MrTRE", "mean_rTRE", "max_rTRE",
     "robustness", "n_landmarks", "seconds", "wrong_direction_MrTRE", "confidence", "flag", "weakest", "initial_choice",
-    "error",
+    "compared", "error",
 )
 
 

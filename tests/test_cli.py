@@ -141,6 +141,7 @@ def test_evaluate_records_failures_and_goes_on(cover_table, tmp_path, fast_json,
     for row in rows[:2]:  # every registered pair carries its confidence, flag and initial choice
         assert 0.0 <= float(row["confidence"]) <= 1.0 and row["flag"] in ("ok", "check")
         assert row["initial_choice"] and (row["weakest"] or row["flag"] == "ok")
+        assert row["compared"] in ("grey", "haematoxylin")  # haematoxylin: the counterstain retry was kept
     assert rows[2]["flag"] == "" and rows[2]["confidence"] == ""
 
     summary = json.loads((out / "summary.json").read_text())
@@ -230,3 +231,31 @@ def test_version(capsys):
         histreg(["--version"])
     assert info.value.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_register_on_the_haematoxylin_channel_records_it(tmp_path, fast_json, capsys):
+    """``--representation haematoxylin``: the colour pair is compared on its counterstain, which the
+    transform's configuration and metrics.json say; a representation that does not exist is refused."""
+    import skimage.data
+
+    rgb = skimage.data.immunohistochemistry()[::4, ::4]
+    imsave(tmp_path / "s.png", rgb, check_contrast=False)
+    imsave(tmp_path / "t.png", np.roll(rgb, (3, -2), axis=(0, 1)), check_contrast=False)
+    (tmp_path / "s.csv").write_text(",X,Y\n1,40,40\n2,80,60\n3,60,90\n")
+    (tmp_path / "t.csv").write_text(",X,Y\n1,38,43\n2,78,63\n3,58,93\n")
+    code, out, err = run_cli(
+        ["register", tmp_path / "s.png", tmp_path / "t.png", "-o", tmp_path / "out", "--source-landmarks", tmp_path / "s.csv",
+         "--target-landmarks", tmp_path / "t.csv", "--config", fast_json, "--working-size", "128", "--method", "none",
+         "--representation", "haematoxylin", "-q"],
+        capsys,
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["compared"] == "haematoxylin"
+    assert metrics["MrTRE"] < metrics["initial_MrTRE"] / 3
+    transform = json.loads((tmp_path / "out" / "transform.json").read_text())
+    assert "haematoxylin" in json.dumps(transform)
+    with pytest.raises(SystemExit):
+        histreg(["register", str(tmp_path / "s.png"), str(tmp_path / "t.png"), "-o", str(tmp_path / "x"),
+                 "--representation", "eosin"])
+    assert "invalid choice" in capsys.readouterr().err

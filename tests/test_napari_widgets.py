@@ -95,6 +95,27 @@ def test_register_widget_on_sample(sample_viewer, qtbot):
     assert list(viewer.layers) == before_layers
 
 
+def test_register_widget_compares_the_haematoxylin_channel(sample_viewer, qtbot):
+    """The advanced *compare* choice reaches the registration, and the status line says it."""
+    from napari_histreg._napari.widgets import RegisterWidget
+
+    viewer = sample_viewer
+    target_name, source_name, target_pts_name, source_pts_name = sample_names()
+    widget = RegisterWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    make_fast(widget)
+    assert widget.representation.value == "grey"
+    widget.representation.value = "haematoxylin"
+    assert run_widget(qtbot, widget) == "done", widget.status
+    result = widget.session.result
+    assert result.info["config"]["preprocess"]["representation"] == "haematoxylin"
+    assert "compared on the haematoxylin channel" in widget.status
+    target = viewer.layers[target_name]
+    mapped, target_pts = viewer.layers[f"{source_pts_name} registered"], viewer.layers[target_pts_name]
+    before = np.median(rtre(viewer.layers[source_pts_name].data, target_pts.data, target.data.shape))
+    assert np.median(rtre(mapped.data, target_pts.data, target.data.shape)) < before / 3
+
+
 def test_cancel_stops_and_leaves_layers(sample_viewer, qtbot):
     from napari_histreg._napari.widgets import RegisterWidget
 

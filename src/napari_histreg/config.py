@@ -20,7 +20,7 @@ from .stages.initial import InitialAlignmentConfig
 from .stages.learned_nonrigid import LearnedNonrigidConfig
 from .stages.mask import OtsuMaskConfig
 from .stages.nonrigid import DenseConfig, PatchConfig
-from .stages.preprocess import PreprocessConfig
+from .stages.preprocess import REPRESENTATIONS, PreprocessConfig
 from .stages.segment import UNetMaskConfig
 
 MODES = ("optimise", "learned", "hybrid")
@@ -67,6 +67,10 @@ class RegistrationConfig:
     #: keep the affine stage's start where the affine stage lowered the local NCC
     #: (:func:`napari_histreg.pipeline.affine_or_start`)
     affine_check: bool = True
+    #: register a colour pair flagged ``check`` once more on the haematoxylin channel (the
+    #: counterstain H&E and most IHC stains share) and keep whichever result is more confident
+    #: (:meth:`napari_histreg.pipeline.Pipeline.run`)
+    counterstain_retry: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +83,9 @@ class RegistrationConfig:
             if value not in choices:
                 raise HistRegInputError(f"unknown {name.replace('_', ' ')} {value!r}: {name} must be one of "
                                         f"{', '.join(map(repr, choices))}")
+        if self.preprocess.representation not in REPRESENTATIONS:
+            raise HistRegInputError(f"unknown representation {self.preprocess.representation!r}: preprocess.representation "
+                                    f"must be one of {', '.join(map(repr, REPRESENTATIONS))}")
         return self
 
     @classmethod
@@ -144,11 +151,13 @@ def build_config(
     use_affine: bool | None = None,
     iterations_factor: float = 1.0,
     regularisation: float | None = None,
+    representation: str | None = None,
 ) -> RegistrationConfig:
     """A new :class:`RegistrationConfig`: ``base`` (default: the defaults), then the settings of
     ``config_file``, then ``overrides``, then each named knob that is not None. ``mask``:
     ``"none"`` or a :data:`MASK_METHODS` name; ``iterations_factor`` scales every optimisation's
-    iterations; ``regularisation`` sets both dense optimisations' weight. The result is
+    iterations; ``regularisation`` sets both dense optimisations' weight; ``representation``:
+    ``"grey"`` (with the counterstain retry) or ``"haematoxylin"`` (always). The result is
     :meth:`~RegistrationConfig.check` ed."""
     config = copy.deepcopy(base) if base is not None else RegistrationConfig()
     if config_file is not None:
@@ -165,6 +174,8 @@ def build_config(
             config.mask_method = mask
     if working_size:
         config.preprocess = dataclasses.replace(config.preprocess, working_size=int(working_size))
+    if representation is not None:
+        config.preprocess = dataclasses.replace(config.preprocess, representation=representation)
     if use_initial is not None:
         config.use_initial = bool(use_initial)
     if use_affine is not None:

@@ -159,7 +159,7 @@ def guided_run(pipeline, source: np.ndarray, target: np.ndarray, guide_points, g
     source_rc, target_rc = check_guide_points(*guide_points)
     guide = guide or GuideConfig()
     with torch_threads(pipeline.threads) as threads, level_cache():
-        automatic = pipeline._run(source, target, progress, name, warn=False)
+        automatic = pipeline._run(source, target, progress)
         source_w, target_w = guides_in_working(automatic, source_rc, target_rc)
         result = _guided_from(pipeline, automatic, source_w, target_w, guide, progress)
     result.info["threads"] = threads

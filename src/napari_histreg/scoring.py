@@ -20,8 +20,9 @@ from .metrics import pair_metrics
 
 #: The ANHIR metrics of one pair (:func:`napari_histreg.metrics.pair_metrics`).
 METRIC_COLUMNS = ("initial_MrTRE", "MrTRE", "mean_rTRE", "max_rTRE", "robustness", "n_landmarks")
-#: What the registration says of itself (landmark-free): its confidence and initial choice.
-RESULT_COLUMNS = ("confidence", "flag", "weakest", "initial_choice")
+#: What the registration says of itself (landmark-free): its confidence, initial choice and the
+#: representation its result was computed on (``haematoxylin`` where the counterstain retry was kept).
+RESULT_COLUMNS = ("confidence", "flag", "weakest", "initial_choice", "compared")
 
 #: Landmarks further than this share of the image's longer side outside it count as outside.
 OUTSIDE_MARGIN = 0.05
@@ -112,7 +113,8 @@ def result_columns(result) -> dict:
     confidence = getattr(result, "confidence", None) or {}
     info = getattr(result, "info", None) or {}
     return {"confidence": confidence.get("score"), "flag": confidence.get("flag"), "weakest": confidence.get("weakest"),
-            "initial_choice": info.get("initial", {}).get("chosen")}
+            "initial_choice": info.get("initial", {}).get("chosen"),
+            "compared": info.get("config", {}).get("preprocess", {}).get("representation")}
 
 
 def finite_points(mapped_rc, name: str = "") -> np.ndarray:

@@ -66,6 +66,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--working-size", type=_working_size, default=None, metavar="N",
                        help="longer side in pixels of the grid the registration runs on; smaller is faster "
                             "and coarser (default: the configuration's default)")
+    group.add_argument("--representation", default=None, choices=("grey", "haematoxylin"),
+                       help="what the registration compares: grey (a colour pair flagged 'check' is then registered "
+                            "once more on the haematoxylin channel and the clearly more confident result kept), or "
+                            "the haematoxylin channel from the start (default: the configuration's default, grey)")
     group.add_argument("--config", default=None, metavar="JSON",
                        help="JSON file of RegistrationConfig overrides, nested by stage, e.g. "
                             '{"use_mask": true, "affine": {"iterations": [50, 30, 20]}}; '
@@ -149,7 +153,8 @@ def _config(args):
 
     return build_config(config_file=getattr(args, "config", None), mode=getattr(args, "mode", None),
                         mask=getattr(args, "mask", None), nonrigid_method=getattr(args, "method", None),
-                        working_size=getattr(args, "working_size", None))
+                        working_size=getattr(args, "working_size", None),
+                        representation=getattr(args, "representation", None))
 
 
 def _device(args):

@@ -23,13 +23,19 @@ class PreprocessConfig:
     ``equalise``: histogram-match the lower-entropy image to the higher-entropy one (off by
     default: on the development pairs it lowered no error and raised the synthetic elastic
     pair's from 0.0033 to 0.0054, because matching amplifies the JPEG noise of white glass).
-    ``clahe``: also apply adaptive equalisation (CLAHE) to both."""
+    ``clahe``: also apply adaptive equalisation (CLAHE) to both. ``representation``:
+    ``"grey"`` (luminance, inverted when ``invert``) or ``"haematoxylin"`` (the haematoxylin
+    optical density of colour images by colour deconvolution, :func:`haematoxylin_density`;
+    tissue is bright already, so ``invert`` does not apply; a grey image stays grey). The
+    pipeline uses the second as its retry for colour pairs flagged ``check``
+    (``RegistrationConfig.counterstain_retry``)."""
 
     working_size: int = 768
     invert: bool = True
     equalise: bool = False
     clahe: bool = False
     pad_multiple: int = 32
+    representation: str = "grey"
 
 
 @dataclasses.dataclass
@@ -70,6 +76,43 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     else:
         raise ValueError(f"expected a (H, W) grey or (H, W, 3|4) colour image, got shape {image.shape}")
     return np.clip(grey, 0.0, 1.0) if np.issubdtype(image.dtype, np.integer) else _minmax(grey)
+
+
+#: REPRESENTATIONS of an image the registration can work on (``PreprocessConfig.representation``)
+REPRESENTATIONS = ("grey", "haematoxylin")
+
+
+def is_colour(image: np.ndarray, tolerance: float = 0.02) -> bool:
+    """Whether ``image`` is RGB(A) with colour in it: a mean channel spread above ``tolerance``
+    (of the dtype's range) on a subsample. A grey section saved as RGB is not colour."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        return False
+    step = max(1, max(image.shape[:2]) // 256)
+    rgb = image[::step, ::step, :3].astype(np.float32) / _dtype_scale(image[..., :3])
+    return float((rgb.max(axis=-1) - rgb.min(axis=-1)).mean()) > tolerance
+
+
+def haematoxylin_density(image: np.ndarray) -> np.ndarray:
+    """Haematoxylin optical density (Ruifrok-Johnston colour deconvolution, scikit-image's
+    stain vectors), tissue bright, scaled by its 99.5th percentile into ``[0, 1]``."""
+    from skimage.color import hed_from_rgb
+
+    image = np.asarray(image)
+    scale = _dtype_scale(image[..., :3])
+    out = np.empty(image.shape[:2], dtype=np.float32)
+    column = np.asarray(hed_from_rgb, dtype=np.float32)[:, 0]
+    band = max(1, GREY_BAND_PIXELS // max(1, image.shape[1]))
+    for r0 in range(0, image.shape[0], band):
+        part = image[r0 : r0 + band]
+        rgb = part[..., :3].astype(np.float32) / scale
+        if image.shape[-1] == 4:
+            alpha = part[..., 3].astype(np.float32) / scale
+            rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
+        od = np.log(np.clip(rgb, 1e-6, 1.0)) / np.float32(np.log(1e-6))
+        out[r0 : r0 + band] = np.maximum(od @ column, 0.0)
+    top = float(np.percentile(out[:: max(1, out.shape[0] // 512), :: max(1, out.shape[1] // 512)], 99.5))
+    return np.clip(out / max(top, 1e-6), 0.0, 1.0)
 
 
 def _dtype_scale(image: np.ndarray) -> float:
@@ -243,9 +286,11 @@ def working_scale(shapes: list[tuple[int, int]], working_size: int) -> float:
 
 
 def prepare_image(image: np.ndarray, scale: float, config: PreprocessConfig, device=None) -> np.ndarray:
-    """Grey, inverted (tissue bright), resampled by ``scale``, min-max normalised."""
-    grey = to_grey(image)
-    if config.invert:
+    """Grey, inverted (tissue bright), or haematoxylin density (``config.representation``),
+    resampled by ``scale``, min-max normalised."""
+    deconvolved = config.representation == "haematoxylin" and is_colour(image)
+    grey = haematoxylin_density(image) if deconvolved else to_grey(image)
+    if config.invert and not deconvolved:
         grey = np.subtract(1.0, grey, out=grey if grey is not image else None)  # in place: one plane
     shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
     small = resample(grey, shape, device=device).cpu().numpy()

@@ -8,6 +8,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBo
 
 from ...config import MASK_METHODS, MODES, RegistrationConfig, build_config
 from ...pipeline import register
+from ...stages.preprocess import REPRESENTATIONS
 from ...progress import report
 from ..layers import add_layers, image_ref, result_to_layers, snapshot
 from ._base import DEVICES, RunWidget, check_pair, layer_picker, source_target_pickers, threads_box
@@ -48,6 +49,11 @@ class RegisterWidget(RunWidget):
         self.show_vectors = CheckBox(value=True, text="show deformation arrows")
         self.show_advanced = CheckBox(value=False, text="advanced settings")
         self.working_size = SpinBox(value=defaults.preprocess.working_size, min=128, max=4096, step=64, label="working size (px)")
+        self.representation = ComboBox(
+            value=defaults.preprocess.representation, choices=list(REPRESENTATIONS), label="compare",
+            tooltip="grey: luminance; a colour pair flagged 'check' is registered once more on the haematoxylin "
+            "channel and the clearly more confident result kept. haematoxylin: the counterstain channel from the start",
+        )
         self.use_initial = CheckBox(value=defaults.use_initial, text="initial alignment (rotation search)")
         self.use_affine = CheckBox(value=defaults.use_affine, text="affine")
         self.use_mask = CheckBox(value=defaults.use_mask, text="tissue mask")
@@ -61,7 +67,7 @@ class RegisterWidget(RunWidget):
         self.threads = threads_box()
         self.advanced = Container(
             widgets=[
-                self.working_size, self.use_initial, self.use_affine, self.use_mask, self.mask_method, self.nonrigid_method,
+                self.working_size, self.representation, self.use_initial, self.use_affine, self.use_mask, self.mask_method, self.nonrigid_method,
                 self.iterations, self.regularisation, self.show_magnitude, self.show_jacobian, self.device, self.threads,
             ],
             label="",
@@ -86,6 +92,7 @@ class RegisterWidget(RunWidget):
             use_affine=self.use_affine.value,
             mask=self.mask_method.value if self.use_mask.value else "none",
             mode=self.mode.value,
+            representation=self.representation.value,
         )
 
     def prepare(self):
@@ -129,6 +136,9 @@ class RegisterWidget(RunWidget):
         threads = result.info.get("threads")
         text = (f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
                 + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""))
+        if result.info.get("config", {}).get("preprocess", {}).get("representation") == "haematoxylin":
+            retried = result.info.get("counterstain_retry", {}).get("kept") == "haematoxylin"
+            text += "; compared on the haematoxylin channel" + (" (the grey run needed a look)" if retried else "")
         if result.confidence:
             from ...confidence import describe
 
