@@ -5,6 +5,7 @@ Data: :mod:`stage_data` (two stains of one section, exactly aligned; the rat kid
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_histreg.stages.mask import otsu_tissue_mask
 
@@ -44,3 +45,18 @@ def test_otsu_mask_of_a_blank_image_is_empty():
 
 
 
+
+
+@pytest.mark.parametrize("radius", [1, 3, 5])
+def test_opencv_morphology_equals_scipy(radius):
+    """The mask's closing and dilation (OpenCV, for speed) are scipy's, borders included."""
+    from scipy import ndimage as ndi
+
+    from napari_histreg.stages.mask import _disk, binary_closing, binary_dilation
+
+    rng = np.random.default_rng(radius)
+    mask = ndi.gaussian_filter(rng.random((97, 130)), 2) > 0.5  # blobs touching every edge
+    mask[:, :3] = True  # a band along the border: where the closing's border rule shows
+    structure = _disk(radius)
+    assert np.array_equal(binary_closing(mask, radius), ndi.binary_closing(mask, structure=structure))
+    assert np.array_equal(binary_dilation(mask, radius), ndi.binary_dilation(mask, structure=structure))
