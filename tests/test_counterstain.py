@@ -58,7 +58,11 @@ def test_flagged_colour_pair_is_retried_on_the_counterstain(validation, ihc_pair
     assert grey.flag == "check" and "counterstain_retry" not in grey.info
     assert grey_error > 0.005  # the failure the retry is for: no better than a few percent of the diagonal
 
-    retried = register(ihc_pair["source"], ihc_pair["target"], RegistrationConfig(), threads=1)
+    events = []
+    retried = register(ihc_pair["source"], ihc_pair["target"], RegistrationConfig(), threads=1, progress=events.append)
+    # the second run's progress says what it is (the stages start again from the first)
+    retry_events = [e for e in events if e.message.startswith("haematoxylin retry")]
+    assert retry_events and retry_events[0].stage == "preprocess" and not events[0].message.startswith("haematoxylin")
     _, error = _error(validation, retried, ihc_pair)
     record = retried.info["counterstain_retry"]
     assert record["kept"] == "haematoxylin"

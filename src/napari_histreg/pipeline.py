@@ -44,7 +44,7 @@ from .config import MASK_METHODS, MODES, RegistrationConfig  # noqa: F401 (re-ex
 from .confidence import describe, judge, measure
 from .conventions import affine_to_field, default_device
 from .io import HistRegInputError, check_image, read_image
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, ProgressEvent, report
 from .result import RegistrationResult
 from .similarity import warped_ncc
 from .stages.affine import AffineConfig, LearnedAffineConfig, learned_affine, optimise_affine
@@ -282,7 +282,8 @@ class Pipeline:
                 result = self._run(source, target, progress)
             if self._retries_on_counterstain(result, source, target):
                 with level_cache():
-                    retry = self._run(source, target, progress, representation="haematoxylin")
+                    retry = self._run(source, target, _labelled(progress, "haematoxylin retry"),
+                                      representation="haematoxylin")
                 result = self.more_confident(result, retry)
         result.info["threads"] = threads
         warn_if_needs_check(result.info.get("confidence"), name, stacklevel=3)
@@ -384,6 +385,18 @@ class Pipeline:
         timings["total"] = round(sum(timings.values()), 4)
         info["matrix"] = matrix
         return self.result(pair, matrix, field, info, timings)
+
+
+def _labelled(progress: ProgressCallback, label: str) -> ProgressCallback:
+    """``progress`` with ``label`` before every event's message: a second run's stages start again
+    from the first, and the status line says why."""
+    if progress is None:
+        return None
+
+    def labelled(event: ProgressEvent) -> None:
+        progress(dataclasses.replace(event, message=f"{label}: {event.message}" if event.message else label))
+
+    return labelled
 
 
 def warn_if_needs_check(confidence: dict, name: str | None = None, stacklevel: int = 3) -> None:
