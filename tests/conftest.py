@@ -42,6 +42,19 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def validation():
+    """``benchmarks/validation.py`` as a module: the landmark-free validation set's pairs and scoring."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import validation
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return validation
+
+
 # ---------------------------------------------------------------- the stage tests' images
 @pytest.fixture(scope="session")
 def stains():

@@ -12,27 +12,12 @@ fallback for flagged pairs and not the default representation: README, "Confiden
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from napari_histreg.io import HistRegInputError
 from napari_histreg.pipeline import Pipeline, RegistrationConfig, register
 from napari_histreg.stages.preprocess import PreprocessConfig, haematoxylin_density, is_colour, prepare_image
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def validation():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import validation
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return validation
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def validation():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import validation
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return validation
 
 
 def _kidney(shared_data, size):

@@ -59,18 +59,8 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     whole-image conversion would, so a large slide needs one float plane, not four."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] in (3, 4):
-        scale = _dtype_scale(image[..., :3])
         weights = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
-        grey = np.empty(image.shape[:2], dtype=np.float32)
-        band = max(1, GREY_BAND_PIXELS // max(1, image.shape[1]))
-        for r0 in range(0, image.shape[0], band):
-            part = image[r0 : r0 + band]
-            rgb = part[..., :3].astype(np.float32) / scale
-            if image.shape[-1] == 4:
-                # Transparent pixels are background: composite the colour on white.
-                alpha = part[..., 3].astype(np.float32) / scale
-                rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
-            grey[r0 : r0 + band] = rgb @ weights
+        grey = _by_colour_bands(image, lambda rgb: rgb @ weights)
     elif image.ndim == 2:
         grey = image.astype(np.float32) / _dtype_scale(image)
     else:
@@ -98,10 +88,19 @@ def haematoxylin_density(image: np.ndarray) -> np.ndarray:
     stain vectors), tissue bright, scaled by its 99.5th percentile into ``[0, 1]``."""
     from skimage.color import hed_from_rgb
 
-    image = np.asarray(image)
+    column = np.asarray(hed_from_rgb, dtype=np.float32)[:, 0]
+    log_floor = np.float32(np.log(1e-6))
+    out = _by_colour_bands(np.asarray(image), lambda rgb: np.maximum((np.log(np.clip(rgb, 1e-6, 1.0)) / log_floor) @ column, 0.0))
+    top = float(np.percentile(out[:: max(1, out.shape[0] // 512), :: max(1, out.shape[1] // 512)], 99.5))
+    return np.clip(out / max(top, 1e-6), 0.0, 1.0)
+
+
+def _by_colour_bands(image: np.ndarray, convert) -> np.ndarray:
+    """``convert`` (float32 RGB in ``[0, 1]`` of shape ``(h, w, 3)`` -> ``(h, w)``) over an RGB(A)
+    image, in bands of rows (:data:`GREY_BAND_PIXELS`) so that a large slide needs one float
+    plane, not four; transparent pixels are background, so colour is composited on white."""
     scale = _dtype_scale(image[..., :3])
     out = np.empty(image.shape[:2], dtype=np.float32)
-    column = np.asarray(hed_from_rgb, dtype=np.float32)[:, 0]
     band = max(1, GREY_BAND_PIXELS // max(1, image.shape[1]))
     for r0 in range(0, image.shape[0], band):
         part = image[r0 : r0 + band]
@@ -109,10 +108,8 @@ def haematoxylin_density(image: np.ndarray) -> np.ndarray:
         if image.shape[-1] == 4:
             alpha = part[..., 3].astype(np.float32) / scale
             rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
-        od = np.log(np.clip(rgb, 1e-6, 1.0)) / np.float32(np.log(1e-6))
-        out[r0 : r0 + band] = np.maximum(od @ column, 0.0)
-    top = float(np.percentile(out[:: max(1, out.shape[0] // 512), :: max(1, out.shape[1] // 512)], 99.5))
-    return np.clip(out / max(top, 1e-6), 0.0, 1.0)
+        out[r0 : r0 + band] = convert(rgb)
+    return out
 
 
 def _dtype_scale(image: np.ndarray) -> float:
