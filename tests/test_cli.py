@@ -250,6 +250,7 @@ def test_register_on_the_haematoxylin_channel_records_it(tmp_path, fast_json, ca
         capsys,
     )
     assert code == 0, err
+    assert "compared on the haematoxylin channel" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["compared"] == "haematoxylin"
     assert metrics["MrTRE"] < metrics["initial_MrTRE"] / 3

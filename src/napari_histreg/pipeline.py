@@ -387,6 +387,18 @@ class Pipeline:
         return self.result(pair, matrix, field, info, timings)
 
 
+def describe_representation(info: dict) -> str:
+    """What a result compared, for a status line ("" for grey without a retry): the haematoxylin
+    channel (from the start, or kept by the counterstain retry) or a retry that was not kept."""
+    retry = info.get("counterstain_retry") or {}
+    compared = (info.get("config") or {}).get("preprocess", {}).get("representation")
+    if retry.get("kept") == "haematoxylin":
+        return f"compared on the haematoxylin channel (the grey run needed a look: confidence {retry['grey']['score']:.2f})"
+    if retry:
+        return f"a retry on the haematoxylin channel was not clearer (confidence {retry['haematoxylin']['score']:.2f}): grey result kept"
+    return "compared on the haematoxylin channel" if compared == "haematoxylin" else ""
+
+
 def _labelled(progress: ProgressCallback, label: str) -> ProgressCallback:
     """``progress`` with ``label`` before every event's message: a second run's stages start again
     from the first, and the status line says why."""

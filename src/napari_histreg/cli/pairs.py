@@ -39,8 +39,11 @@ def cmd_register(args) -> int:
          f"{result.info.get('device')} ({result.info.get('threads')} thread(s))")
     if result.confidence:
         from ..confidence import describe
+        from ..pipeline import describe_representation
 
         _say(describe(result.confidence))
+        if describe_representation(result.info):
+            _say(describe_representation(result.info))
     if guide is not None:
         g = result.info["guide"]
         _say(f"guided by {g['points']} point pairs ({'restarted from their ' + g['model'] if g['restarted_from_points'] else 'local correction'}"

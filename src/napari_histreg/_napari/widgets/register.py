@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 
 from ...config import MASK_METHODS, MODES, RegistrationConfig, build_config
-from ...pipeline import register
+from ...pipeline import describe_representation, register
 from ...stages.preprocess import REPRESENTATIONS
 from ...progress import report
 from ..layers import add_layers, image_ref, result_to_layers, snapshot
@@ -136,9 +136,9 @@ class RegisterWidget(RunWidget):
         threads = result.info.get("threads")
         text = (f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
                 + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""))
-        if result.info.get("config", {}).get("preprocess", {}).get("representation") == "haematoxylin":
-            retried = result.info.get("counterstain_retry", {}).get("kept") == "haematoxylin"
-            text += "; compared on the haematoxylin channel" + (" (the grey run needed a look)" if retried else "")
+        compared = describe_representation(result.info)
+        if compared:
+            text += f"; {compared}"
         if result.confidence:
             from ...confidence import describe
 
