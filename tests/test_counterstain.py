@@ -55,8 +55,8 @@ def test_flagged_colour_pair_is_retried_on_the_counterstain(validation, ihc_pair
     assert retried.flag == "ok" and retried.confidence["score"] > grey.confidence["score"]
     assert error < min(initial / 10, 0.002), (initial, error)
     assert retried.info["config"]["preprocess"]["representation"] == "haematoxylin"
-    assert describe_representation(retried.info).startswith("compared on the haematoxylin channel (the grey run needed a look")
-    assert describe_representation(grey.info) == ""
+    assert describe_representation(retried).startswith("compared on the haematoxylin channel (the grey run needed a look")
+    assert describe_representation(grey) == ""
     # the time of both runs is the result's time
     assert retried.timings["total"] > retried.timings["nonrigid"] + retried.timings["initial"]
 
@@ -93,7 +93,7 @@ def test_retry_is_kept_only_when_clearly_confident_and_better():
     assert better.info["counterstain_retry"]["kept"] == "haematoxylin" and better.timings["total"] == 2.0
     first, unclear = fake(0.3), fake(0.7)  # higher and `ok`, but not a clear answer
     assert Pipeline.more_confident(first, unclear) is first
-    assert "not clearer (confidence 0.70): grey result kept" in describe_representation(first.info)
+    assert "not clearer (confidence 0.70): grey result kept" in describe_representation(first)
     assert first.info["counterstain_retry"]["kept"] == "grey"
     assert first.info["counterstain_retry"]["haematoxylin"]["score"] == 0.7
     first, same = fake(0.95), fake(0.95)

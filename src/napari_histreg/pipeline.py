@@ -203,7 +203,7 @@ class Pipeline:
         requested_threads(threads)  # a bad value fails here, once
         c = self.config.check()
         self.device = default_device(device)
-        self.preprocess: Callable[..., PreparedPair] = lambda s, t: preprocess_pair(s, t, c.preprocess, self.device)
+        self.preprocess: Callable[..., PreparedPair] = self._preprocessing(c.preprocess)
         self._shipped_preprocess = self.preprocess
         self.mask = self._mask_stage() if c.use_mask else None
         self.initial = (
@@ -213,6 +213,10 @@ class Pipeline:
         )
         self.affine = self._affine_stage() if c.use_affine else None
         self.nonrigid = self._nonrigid_stage() if c.nonrigid_method != "none" else None
+
+    def _preprocessing(self, settings) -> Callable[..., PreparedPair]:
+        """The shipped preprocess stage with ``settings`` (a :class:`PreprocessConfig`)."""
+        return lambda s, t: preprocess_pair(s, t, settings, self.device)
 
     def _mask_stage(self):
         c = self.config
@@ -327,7 +331,7 @@ class Pipeline:
         if representation is not None and representation != pc.representation:
             pc = dataclasses.replace(pc, representation=representation)
             info["config"]["preprocess"]["representation"] = representation
-            preprocess = lambda s, t: preprocess_pair(s, t, pc, self.device)  # noqa: E731
+            preprocess = self._preprocessing(pc)
 
         def timed(name, fn, *args):
             report(progress, name, 0, 1, "start")
@@ -387,16 +391,15 @@ class Pipeline:
         return self.result(pair, matrix, field, info, timings)
 
 
-def describe_representation(info: dict) -> str:
+def describe_representation(result: RegistrationResult) -> str:
     """What a result compared, for a status line ("" for grey without a retry): the haematoxylin
     channel (from the start, or kept by the counterstain retry) or a retry that was not kept."""
-    retry = info.get("counterstain_retry") or {}
-    compared = (info.get("config") or {}).get("preprocess", {}).get("representation")
+    retry = result.info.get("counterstain_retry") or {}
     if retry.get("kept") == "haematoxylin":
         return f"compared on the haematoxylin channel (the grey run needed a look: confidence {retry['grey']['score']:.2f})"
     if retry:
         return f"a retry on the haematoxylin channel was not clearer (confidence {retry['haematoxylin']['score']:.2f}): grey result kept"
-    return "compared on the haematoxylin channel" if compared == "haematoxylin" else ""
+    return "compared on the haematoxylin channel" if result.compared == "haematoxylin" else ""
 
 
 def _labelled(progress: ProgressCallback, label: str) -> ProgressCallback:

@@ -55,6 +55,12 @@ class RegistrationResult:
         """``"ok"`` or ``"check"`` (this registration may be wrong: look at it); ``""`` if unknown."""
         return self.confidence.get("flag", "")
 
+    @property
+    def compared(self) -> str | None:
+        """The representation the result was computed on (``"grey"``, or ``"haematoxylin"`` from the
+        start or by the counterstain retry); None for a result saved before it was recorded."""
+        return ((self.info.get("config") or {}).get("preprocess") or {}).get("representation")
+
     # ------------------------------------------------------------------ shapes
     @property
     def source_shape(self) -> tuple[int, int]:

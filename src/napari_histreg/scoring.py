@@ -114,7 +114,7 @@ def result_columns(result) -> dict:
     info = getattr(result, "info", None) or {}
     return {"confidence": confidence.get("score"), "flag": confidence.get("flag"), "weakest": confidence.get("weakest"),
             "initial_choice": info.get("initial", {}).get("chosen"),
-            "compared": info.get("config", {}).get("preprocess", {}).get("representation")}
+            "compared": getattr(result, "compared", None)}
 
 
 def finite_points(mapped_rc, name: str = "") -> np.ndarray:

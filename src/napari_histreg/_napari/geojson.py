@@ -30,7 +30,7 @@ from ..annotations import (
     write_geojson,
 )
 from ..io import HistRegInputError
-from .readers import _paths
+from .readers import _paths, reader_if_all
 from .transform_layers import _densify_shape
 
 COLUMNS = ("feature", "member", "geometry", "part", "ring", "classification", "name", "object_type", "geojson")
@@ -57,10 +57,7 @@ def is_geojson_path(path) -> bool:
 
 def get_geojson_reader(path):
     """npe2 reader hook for GeoJSON annotations (QuPath export)."""
-    paths = _paths(path)
-    if paths and all(is_geojson_path(p) for p in paths):
-        return read_geojson_layers
-    return None
+    return reader_if_all(path, is_geojson_path, read_geojson_layers)
 
 
 def read_geojson_layers(path) -> list[tuple]:

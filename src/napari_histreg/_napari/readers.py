@@ -15,6 +15,13 @@ def _paths(path) -> list[Path] | None:
     return paths or None
 
 
+def reader_if_all(path, accepts, reader):
+    """An npe2 reader hook's answer: ``reader`` when ``accepts`` every path napari offers, else None
+    (napari then asks the next plugin)."""
+    paths = _paths(path)
+    return reader if paths and all(accepts(p) for p in paths) else None
+
+
 def is_landmark_csv(path) -> bool:
     """An existing ``.csv`` whose header has ``X`` and ``Y`` columns (ANHIR landmarks)."""
     path = Path(path)
@@ -44,10 +51,7 @@ def is_transform_json(path) -> bool:
 def get_landmarks_reader(path):
     """npe2 reader hook: a reader for ANHIR landmark CSVs, or None for other CSVs (napari's
     own CSV reader takes those)."""
-    paths = _paths(path)
-    if paths and all(is_landmark_csv(p) for p in paths):
-        return read_landmarks_csv
-    return None
+    return reader_if_all(path, is_landmark_csv, read_landmarks_csv)
 
 
 def read_landmarks_csv(path) -> list[tuple]:

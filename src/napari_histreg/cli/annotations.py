@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, pixel_size_option
+from .common import EXIT_OK, _add_overwrite_option, _say, add_pixel_size_options, pixel_size_option
 
 
 def _add_annotations_command(sub) -> None:
@@ -27,14 +27,8 @@ def _add_annotations_command(sub) -> None:
                    help="IN is in the target frame: map it into the source frame (the transform's exact direction)")
     p.add_argument("--units", choices=("px", "um"), default=None,
                    help="coordinates in pixels or micrometres (default: um when a pixel size is given, else px)")
-    p.add_argument("--pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
-                   help="the source slide's pixel size in µm (one number, or row,col)")
-    p.add_argument("--target-pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
-                   help="the target slide's pixel size in µm (default: --pixel-size)")
-    p.add_argument("--pixel-size-from", default=None, metavar="SLIDE",
-                   help="read the source pixel size from this slide's metadata (OME-TIFF, TIFF resolution, OME-Zarr)")
-    p.add_argument("--target-pixel-size-from", default=None, metavar="SLIDE",
-                   help="read the target pixel size from this slide's metadata")
+    add_pixel_size_options(p, "pixel-size", "source", "the source slide's pixel size in µm (one number, or row,col)")
+    add_pixel_size_options(p, "target-pixel-size", "target", "the target slide's pixel size in µm (default: --pixel-size)")
     _add_overwrite_option(p, "GeoJSON output")
     p.set_defaults(func=cmd_transform_annotations)
 

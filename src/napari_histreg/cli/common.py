@@ -200,6 +200,14 @@ def pixel_size_arg(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def add_pixel_size_options(parser, option: str, whose: str, size_help: str) -> None:
+    """``--OPTION UM[,UM]`` (``size_help``) and ``--OPTION-from SLIDE`` (read from ``whose`` slide's
+    metadata), the pair :func:`pixel_size_option` resolves."""
+    parser.add_argument(f"--{option}", type=pixel_size_arg, default=None, metavar="UM[,UM]", help=size_help)
+    parser.add_argument(f"--{option}-from", default=None, metavar="SLIDE",
+                        help=f"read the {whose} pixel size from this slide's metadata (OME-TIFF, TIFF resolution, OME-Zarr)")
+
+
 def pixel_size_option(given, slide, option: str, default=None):
     """The pixel size a command was given: ``given`` (an option's value), else read from
     ``slide``'s metadata (its ``...-from SLIDE`` option), else ``default``."""

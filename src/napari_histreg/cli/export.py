@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import EXIT_OK, _add_overwrite_option, _say, pixel_size_arg, pixel_size_option
+from .common import EXIT_OK, _add_overwrite_option, _say, add_pixel_size_options, pixel_size_arg, pixel_size_option
 
 
 def _add_export_command(sub) -> None:
@@ -25,14 +25,8 @@ def _add_export_command(sub) -> None:
     p.add_argument("--pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
                    help="pixel size of both images in physical units, one number or row,col (ITK spacing; default: 1, "
                    "i.e. pixels)")
-    p.add_argument("--source-pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
-                   help="pixel size of the source image (overrides --pixel-size)")
-    p.add_argument("--target-pixel-size", type=pixel_size_arg, default=None, metavar="UM[,UM]",
-                   help="pixel size of the target image (overrides --pixel-size)")
-    p.add_argument("--source-pixel-size-from", default=None, metavar="SLIDE",
-                   help="read the source pixel size from this slide's metadata (OME-TIFF, TIFF resolution, OME-Zarr)")
-    p.add_argument("--target-pixel-size-from", default=None, metavar="SLIDE",
-                   help="read the target pixel size from this slide's metadata")
+    for whose in ("source", "target"):
+        add_pixel_size_options(p, f"{whose}-pixel-size", whose, f"pixel size of the {whose} image (overrides --pixel-size)")
     p.add_argument("--displacement-only", action="store_true",
                    help="write one displacement field holding the whole map instead of affine + displacement")
     p.add_argument("--affine-direction", choices=("forward", "backward"), default="forward",

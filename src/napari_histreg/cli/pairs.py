@@ -42,8 +42,9 @@ def cmd_register(args) -> int:
         from ..pipeline import describe_representation
 
         _say(describe(result.confidence))
-        if describe_representation(result.info):
-            _say(describe_representation(result.info))
+        compared = describe_representation(result)
+        if compared:
+            _say(compared)
     if guide is not None:
         g = result.info["guide"]
         _say(f"guided by {g['points']} point pairs ({'restarted from their ' + g['model'] if g['restarted_from_points'] else 'local correction'}"

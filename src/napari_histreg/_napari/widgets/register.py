@@ -136,7 +136,7 @@ class RegisterWidget(RunWidget):
         threads = result.info.get("threads")
         text = (f"registered {source_name} onto {target_name}" + (f" in {total:.1f} s" if total else "")
                 + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""))
-        compared = describe_representation(result.info)
+        compared = describe_representation(result)
         if compared:
             text += f"; {compared}"
         if result.confidence:

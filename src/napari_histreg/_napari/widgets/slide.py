@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import CheckBox, FileEdit, SpinBox
 
 from ...slides import TIFF_SUFFIXES, open_slide, partial_path
-from ..readers import _paths
+from ..readers import reader_if_all
 from ._base import RunWidget, threads_box
 
 if TYPE_CHECKING:
@@ -73,10 +73,7 @@ def _is_slide(path: Path) -> bool:
 
 def get_slide_reader(path):
     """npe2 reader hook: :func:`read_slide` for OME-Zarr folders and pyramidal TIFFs, else None."""
-    paths = _paths(path)
-    if paths and all(_is_slide(p) for p in paths):
-        return read_slide
-    return None
+    return reader_if_all(path, _is_slide, read_slide)
 
 
 def read_slide(path) -> list[tuple]:

@@ -87,14 +87,21 @@ class TransformsWidget(RunWidget):
             self.source_image.value = self.viewer.layers[s.result_source_name]
 
     # ------------------------------------------------------------------ save / load
-    def save(self, path=None) -> Path | None:
-        result = self.session.result
-        path = Path(path or self.save_path.value)
+    def _result_and_destination(self, path, verb: str, choose: str):
+        """The current result and the file to write it to, or ``(None, None)`` with the status
+        saying which is missing (``verb``: what the button does; ``choose``: the file it wants)."""
+        result, path = self.session.result, Path(path)
         if result is None:
-            self._set_status("nothing to save: no transform yet", error=True)
-            return None
+            self._set_status(f"nothing to {verb}: no transform yet", error=True)
+            return None, None
         if not str(path) or path == Path("."):
-            self._set_status("choose a file to save the transform to", error=True)
+            self._set_status(f"choose a file to {verb} {choose}", error=True)
+            return None, None
+        return result, path
+
+    def save(self, path=None) -> Path | None:
+        result, path = self._result_and_destination(path or self.save_path.value, "save", "the transform to")
+        if result is None:
             return None
         written = result.save(path)
         self._set_status(f"saved {written.with_suffix('.mha').name} + {written.name}")
@@ -117,13 +124,9 @@ class TransformsWidget(RunWidget):
         3x3), ``.h5`` / ``.tfm`` / ``.txt`` an ITK transform (in pixels)."""
         from ...export import write_affine_csv, write_itk_transform
 
-        result = self.session.result
-        path = Path(path or self.export_path.value)
+        result, path = self._result_and_destination(path or self.export_path.value, "export",
+                                                    "to (.h5 for ITK, .csv for the affine matrix)")
         if result is None:
-            self._set_status("nothing to export: no transform yet", error=True)
-            return None
-        if not str(path) or path == Path("."):
-            self._set_status("choose a file to export to (.h5 for ITK, .csv for the affine matrix)", error=True)
             return None
         try:
             if path.suffix.lower() == ".csv":
