@@ -177,19 +177,14 @@ def curvature(field: torch.Tensor) -> torch.Tensor:
 
 
 def _box_sum_shifted(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Zero-padded box *sum* over ``window x window`` (odd) by adding shifted views: no
-    autograd, about 10x faster on the CPU than the grouped convolutions of :func:`_box_mean`."""
+    """Zero-padded box *sum* over ``window x window`` (odd), separably: each axis padded, cut
+    into overlapping windows by ``unfold`` (a strided view, no copy) and summed. No autograd;
+    about 10x faster on the CPU than the grouped convolutions of :func:`_box_mean`, and with
+    three operators per axis instead of a ``window``-long chain of shifted additions, which is
+    what an iteration at a coarse pyramid level (a few thousand pixels) mostly pays for."""
     pad = window // 2
-    h, w = x.shape[-2:]
-    rows = F.pad(x, (0, 0, pad, pad))
-    out = rows[..., 0:h, :].clone()
-    for k in range(1, window):
-        out += rows[..., k : k + h, :]
-    cols = F.pad(out, (pad, pad))
-    out = cols[..., 0:w].clone()
-    for k in range(1, window):
-        out += cols[..., k : k + w]
-    return out
+    rows = F.pad(x, (0, 0, pad, pad)).unfold(-2, window, 1).sum(-1)
+    return F.pad(rows, (pad, pad)).unfold(-1, window, 1).sum(-1)
 
 
 class _BoxMean(torch.autograd.Function):

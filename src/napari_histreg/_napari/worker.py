@@ -26,6 +26,12 @@ class _Relay(QObject):
     event = Signal(object)
 
 
+#: at most one progress update of the widget per this many seconds: each update repaints the
+#: window, which beside napari's OpenGL canvas (software-rendered on a machine without a GPU)
+#: costs the GUI thread several milliseconds that the registration's threads then miss
+PROGRESS_INTERVAL = 0.5
+
+
 class Runner:
     """One background run at a time for one widget.
 
@@ -53,6 +59,9 @@ class Runner:
         self._relay: _Relay | None = None
         self.last_error: BaseException | None = None
         self.outcome: str | None = None  # "done", "cancelled", "error"
+        self._last_shown = float("-inf")  # time.monotonic() of the last event passed on
+        self._pending = None  # the newest event not yet passed on (throttled)
+        self._timer = None
 
     @property
     def running(self) -> bool:
@@ -64,6 +73,7 @@ class Runner:
         if self.running:
             raise RuntimeError("a registration is already running")
         self._cancel = threading.Event()
+        self._last_shown, self._pending = float("-inf"), None
         cancel = self._cancel
         relay = self._relay = _Relay()
         relay.event.connect(self._forward_event)
@@ -115,8 +125,33 @@ class Runner:
 
     # ------------------------------------------------------------------ slots (GUI thread)
     def _forward_event(self, event) -> None:
-        if self.on_event is not None and not self._cancel.is_set():
-            self.on_event(event)
+        """Pass ``event`` on at once if the last one is :data:`PROGRESS_INTERVAL` old, else keep
+        it (newer events replace it) for a single-shot timer to pass on: the bar still moves
+        several times a second, and the GUI thread is not busy repainting."""
+        if self.on_event is None or self._cancel.is_set():
+            return
+        wait = self._last_shown + PROGRESS_INTERVAL - time.monotonic()
+        if wait <= 0:
+            self._show(event)
+            return
+        if self._pending is None:
+            from qtpy.QtCore import QTimer
+
+            if self._timer is None:
+                self._timer = QTimer()
+                self._timer.setSingleShot(True)
+                self._timer.timeout.connect(self._show_pending)
+            self._timer.start(int(wait * 1000) + 1)
+        self._pending = event
+
+    def _show(self, event) -> None:
+        self._last_shown = time.monotonic()
+        self.on_event(event)
+
+    def _show_pending(self) -> None:
+        event, self._pending = self._pending, None
+        if event is not None and self.on_event is not None and not self._cancel.is_set() and self.running:
+            self._show(event)
 
     def _returned(self, value) -> None:
         if self._cancel.is_set():  # cancelled after the core finished: drop the result
@@ -150,6 +185,9 @@ class Runner:
     def _finished(self) -> None:
         self.worker = None
         self._relay = None
+        self._pending = None  # the result's own status replaces any progress still waiting
+        if self._timer is not None:
+            self._timer.stop()
         if self.on_finished:
             self.on_finished()
 

@@ -55,6 +55,22 @@ def _detection_image(image: np.ndarray, size: int):
     return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey), scale
 
 
+def _keypoints(image: np.ndarray, config: FeatureConfig):
+    """ORB keypoints and descriptors of ``image`` and the detection image's scale, kept for the
+    run (:func:`~napari_histreg.stages.preprocess.per_run`): the target's serve both the plain
+    and the mirrored proposal."""
+    import cv2
+
+    from .preprocess import per_run
+
+    def detect(im):
+        small, scale = _detection_image(im, config.size)
+        keys, desc = cv2.ORB_create(nfeatures=config.keypoints).detectAndCompute(small, None)
+        return keys, desc, scale
+
+    return per_run(image, ("orb", config.size, config.keypoints), detect)
+
+
 def feature_proposal(source: np.ndarray, target: np.ndarray, config: FeatureConfig | None = None) -> dict | None:
     """A similarity transform of ``source`` onto ``target`` (same working grid) from matched
     ORB keypoints: ``{"matrix": 2x3 backward (row, col) affine in working pixels, "inliers": n,
@@ -62,11 +78,8 @@ def feature_proposal(source: np.ndarray, target: np.ndarray, config: FeatureConf
     import cv2
 
     config = config or FeatureConfig()
-    src, scale = _detection_image(source, config.size)
-    tgt, _ = _detection_image(target, config.size)
-    orb = cv2.ORB_create(nfeatures=config.keypoints)
-    keys_s, desc_s = orb.detectAndCompute(src, None)
-    keys_t, desc_t = orb.detectAndCompute(tgt, None)
+    keys_s, desc_s, scale = _keypoints(source, config)
+    keys_t, desc_t, _ = _keypoints(target, config)
     if desc_s is None or desc_t is None or len(keys_s) < 2 or len(keys_t) < 2:
         return None
     pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(desc_t, desc_s, k=2)

@@ -287,4 +287,8 @@ class RunWidget(Container):
     def _set_status(self, text: str, error: bool = False, tooltip: str | None = None) -> None:
         self._status.value = text
         self._status.tooltip = tooltip or text
-        self._status.native.setStyleSheet("color: #ff6b6b;" if error else "")
+        # a style sheet re-polishes the label and relayouts the dock: set it only when the
+        # error state changes, not on every progress step
+        if getattr(self, "_status_is_error", None) != error:
+            self._status.native.setStyleSheet("color: #ff6b6b;" if error else "")
+            self._status_is_error = error
