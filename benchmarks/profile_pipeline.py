@@ -13,7 +13,7 @@ under :mod:`cProfile`, and prints
 
 torch operators are C calls: their time is charged to the Python function that issued them,
 which is the level at which the pipeline can be changed. ``--markdown FILE`` also writes the
-tables (``docs/benchmarks/profile.md`` is this output, before and after the speed work).
+tables (``docs/benchmarks/profile.md`` is this output for the 14 training and robustness pairs).
 Timings are only comparable within one run on a quiet machine.
 """
 
