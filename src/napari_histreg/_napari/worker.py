@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..progress import ProgressEvent, RegistrationCancelled
 
@@ -61,7 +61,9 @@ class Runner:
         self.outcome: str | None = None  # "done", "cancelled", "error"
         self._last_shown = float("-inf")  # time.monotonic() of the last event passed on
         self._pending = None  # the newest event not yet passed on (throttled)
-        self._timer = None
+        self._timer = QTimer()  # passes the pending event on when the interval is over
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self._show_pending)
 
     @property
     def running(self) -> bool:
@@ -135,12 +137,6 @@ class Runner:
             self._show(event)
             return
         if self._pending is None:
-            from qtpy.QtCore import QTimer
-
-            if self._timer is None:
-                self._timer = QTimer()
-                self._timer.setSingleShot(True)
-                self._timer.timeout.connect(self._show_pending)
             self._timer.start(int(wait * 1000) + 1)
         self._pending = event
 
@@ -186,8 +182,7 @@ class Runner:
         self.worker = None
         self._relay = None
         self._pending = None  # the result's own status replaces any progress still waiting
-        if self._timer is not None:
-            self._timer.stop()
+        self._timer.stop()
         if self.on_finished:
             self.on_finished()
 

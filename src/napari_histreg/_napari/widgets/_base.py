@@ -191,6 +191,7 @@ class RunWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(min=0, max=1000, value=0, label="progress")
         self._status = Label(value="ready", label="status")
+        self._status_is_error = False  # the label starts without the error style
         if hasattr(self._status.native, "setWordWrap"):
             self._status.native.setWordWrap(True)
         buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
@@ -289,6 +290,6 @@ class RunWidget(Container):
         self._status.tooltip = tooltip or text
         # a style sheet re-polishes the label and relayouts the dock: set it only when the
         # error state changes, not on every progress step
-        if getattr(self, "_status_is_error", None) != error:
+        if self._status_is_error != error:
             self._status.native.setStyleSheet("color: #ff6b6b;" if error else "")
             self._status_is_error = error
