@@ -176,6 +176,17 @@ def test_progress_events_are_throttled_to_the_newest(qtbot):
     qtbot.wait(int(1500 * worker.PROGRESS_INTERVAL))
     assert shown == [events[0], events[-1]]
 
+    # a step still held when the result arrives (before the worker's "finished") is dropped
+    # too: it would overwrite the result's status line
+    results = []
+    runner = worker.Runner(on_event=shown.append, on_result=results.append)
+    runner.worker = object()
+    runner._forward_event(events[0])
+    runner._forward_event(events[1])
+    runner._returned("the result")
+    qtbot.wait(int(1500 * worker.PROGRESS_INTERVAL))
+    assert results == ["the result"] and shown[-1] is events[0]
+
 
 def test_unavailable_device_is_refused_before_starting(sample_viewer):
     import torch

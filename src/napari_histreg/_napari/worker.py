@@ -149,7 +149,14 @@ class Runner:
         if event is not None and self.on_event is not None and not self._cancel.is_set() and self.running:
             self._show(event)
 
+    def _drop_pending(self) -> None:
+        """Forget a throttled progress event: once the run has an outcome, its status line (the
+        result's, the error's) must not be overwritten by a step the timer was still holding."""
+        self._pending = None
+        self._timer.stop()
+
     def _returned(self, value) -> None:
+        self._drop_pending()
         if self._cancel.is_set():  # cancelled after the core finished: drop the result
             self.outcome = "cancelled"
             if self.on_cancelled:
@@ -163,6 +170,7 @@ class Runner:
             self._errored(err)
 
     def _errored(self, exc: BaseException) -> None:
+        self._drop_pending()
         if isinstance(exc, RegistrationCancelled):
             self.outcome = "cancelled"
             if self.on_cancelled:
@@ -181,8 +189,7 @@ class Runner:
     def _finished(self) -> None:
         self.worker = None
         self._relay = None
-        self._pending = None  # the result's own status replaces any progress still waiting
-        self._timer.stop()
+        self._drop_pending()
         if self.on_finished:
             self.on_finished()
 
