@@ -188,6 +188,44 @@ def test_progress_events_are_throttled_to_the_newest(qtbot):
     assert results == ["the result"] and shown[-1] is events[0]
 
 
+def _voluntary_switches() -> int | None:
+    """Times this thread went to sleep (Linux), or None where /proc does not tell."""
+    import threading
+
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
+    except (OSError, StopIteration):
+        return None
+
+
+def test_runner_wait_sleeps_until_the_run_ends(qtbot):
+    """``wait`` returns False at its timeout and True once the run has finished, with the
+    result handed over; in between the GUI thread sleeps in Qt's event loop instead of waking
+    every 10 ms (which took the CPU from a registration's threads on 2 cores)."""
+    import time
+
+    from napari_histreg._napari import worker
+
+    results = []
+    runner = worker.Runner(on_result=results.append)
+
+    def job(progress):
+        time.sleep(1.0)
+        return "the result"
+
+    runner.start(job)
+    assert runner.wait(0.05) is False and runner.running
+    before = _voluntary_switches()
+    assert runner.wait(30) is True
+    after = _voluntary_switches()
+    assert not runner.running and runner.outcome == "done" and results == ["the result"]
+    if before is not None:
+        # polling every 10 ms slept about 95 times in this second; the event loop a few times
+        assert after - before < 40, f"the GUI thread woke {after - before} times while waiting"
+    assert runner.wait(0.05) is True  # nothing running: at once
+
+
 def test_unavailable_device_is_refused_before_starting(sample_viewer):
     import torch
 
