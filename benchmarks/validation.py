@@ -251,14 +251,17 @@ def confidence_measures(result) -> dict:
 MEASURE_COLUMNS = ("margin", "affine_local_ncc", "final_local_ncc", "gain", "folded", "overlap", "agreeing", "disputed")
 
 
-def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False) -> list[dict]:
+def run(methods: dict, pairs: list[dict], device: str, quiet: bool = False, threads: int | None = None) -> list[dict]:
+    """Every method on every pair. ``threads``: torch threads of every registration (None: each
+    run's own choice from the free cores, :func:`napari_histreg.threads.choose_threads`, which
+    gives 2 on a quiet 2-core machine and 1 beside a busy process)."""
     from napari_histreg.config import apply_overrides
     from napari_histreg.pipeline import Pipeline, RegistrationConfig
 
     rows = []
     for name, overrides in methods.items():
         config = apply_overrides(RegistrationConfig(), overrides, name)
-        pipeline = Pipeline(config, device=device)
+        pipeline = Pipeline(config, device=device, threads=threads)
         pipeline.run(pairs[0]["source"], pairs[0]["target"])  # warm-up: network loading, first-call costs
         for pair in pairs:
             start = time.perf_counter()
@@ -304,7 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--method", action="append", default=[], metavar="NAME=JSON",
                         help="a method: a name and RegistrationConfig overrides (as histreg --config); "
                              "repeatable; default: optimise, hybrid, learned")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every registration (default: each run's choice from the free cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="folder for validation.csv / validation.json")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -323,7 +327,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     pairs = make_variant_pairs(table_images(args.table, args.size), variants, args.warps, args.seed)
-    rows = run(methods, pairs, args.device, args.quiet)
+    rows = run(methods, pairs, args.device, args.quiet, threads=args.threads)
     summary = summarise(rows)
     print(f"\n{len(pairs)} pairs, {sum(len(p['target_rc']) for p in pairs)} points")
     print(f"{'method':18s} {'AMrTRE':>9s} {'MMrTRE':>9s} {'AArTRE':>9s} {'s/pair':>7s}")

@@ -61,3 +61,29 @@ def test_command_writes_its_table(shared_data, validation, tmp_path, capsys):
     summary = json.loads((out / "validation.json").read_text())["summary"]
     assert set(summary) == {"optimise", "affine-only"}
     assert "AMrTRE" in capsys.readouterr().out
+
+
+def test_threads_hold_every_registration_of_the_run(validation, monkeypatch):
+    """``--threads N`` reaches every registration: the pipeline's own per-run choice from the
+    free cores (2 on a quiet machine, 1 beside a busy process) used to override it, so "one
+    thread" runs were not."""
+    import napari_histreg.pipeline as pipeline_module
+
+    asked = []
+
+    class Made(Exception):
+        pass
+
+    class Recorded(pipeline_module.Pipeline):
+        def run(self, source, target, progress=None):
+            asked.append(self.threads)
+            raise Made  # enough: the pipeline has been made
+
+    monkeypatch.setattr(pipeline_module, "Pipeline", Recorded)
+    pair = {"source": np.zeros((8, 8), np.float32), "target": np.zeros((8, 8), np.float32), "name": "blank"}
+    for threads in (1, None):
+        try:
+            validation.run({"hybrid": {}}, [pair], "cpu", quiet=True, threads=threads)
+        except Made:
+            pass
+    assert asked == [1, None]
