@@ -64,7 +64,6 @@ class Runner:
         self._timer = QTimer()  # passes the pending event on when the interval is over
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self._show_pending)
-        self._waiting: list = []  # the event loops of :meth:`wait`, quit when the run finishes
 
     @property
     def running(self) -> bool:
@@ -129,14 +128,12 @@ class Runner:
             loop, timer = QEventLoop(), QTimer()
             timer.setSingleShot(True)
             timer.timeout.connect(loop.quit)
-            self._waiting.append(loop)
-            try:
-                timer.start(max(0, int(timeout * 1000)))
-                if self.running:  # it may have ended while the loop was being set up
-                    loop.exec()
-            finally:
-                timer.stop()
-                self._waiting.remove(loop)
+            # connected after the runner's own handlers (create_worker's _connect), so those
+            # have run when the loop returns; Qt drops the connection with the loop
+            self.worker.finished.connect(loop.quit)
+            timer.start(max(0, int(timeout * 1000)))
+            loop.exec()
+            timer.stop()
         QApplication.processEvents()
         return not self.running
 
@@ -205,12 +202,8 @@ class Runner:
         self.worker = None
         self._relay = None
         self._drop_pending()
-        try:
-            if self.on_finished:
-                self.on_finished()
-        finally:
-            for loop in list(self._waiting):
-                loop.quit()
+        if self.on_finished:
+            self.on_finished()
 
 
 def overall_fraction(event: ProgressEvent, stages: tuple[str, ...] | None = None) -> float:
