@@ -168,3 +168,57 @@ def test_step_widgets_update_every_result_layer_and_never_replace_others(sample_
     assert run_widget(qtbot, transforms, timeout=60_000) == "done", transforms.status
     assert f"{source_name} transformed" in viewer.layers
     assert warped in viewer.layers and viewer.layers[f"{source_name} registered"] is mine
+
+
+def test_result_layers_updated_in_place_show_the_new_result_after_one_refresh(viewer, monkeypatch):
+    """Re-running a registration updates its layers in place: the new data, the changed
+    properties, and what is drawn (slice, thumbnail, arrow colours) all follow, while each layer
+    is refreshed once rather than once per property (each refresh re-slices the layer and redraws
+    its thumbnail: 0.26-0.44 s of the GUI thread for the three result layers before)."""
+    from napari.layers import Vectors
+
+    from napari_histreg._napari.layers import add_layers, magnitude_limits
+
+    def arrows(projections):
+        data = np.zeros((4, 2, 2))
+        data[:, 0] = [[5, 5], [5, 20], [20, 5], [20, 20]]
+        data[:, 1] = projections
+        return data, {"magnitude": np.linalg.norm(projections, axis=1)}
+
+    def outputs(image, scale, projections, points, ids):
+        vectors, features = arrows(np.asarray(projections, float))
+        return [
+            (image, {"name": "warped", "contrast_limits": (0, 1)}, "image"),
+            (vectors, {"name": "arrows", "features": features, "edge_color": "magnitude", "edge_colormap": "viridis",
+                       **magnitude_limits(features["magnitude"]), "scale": scale}, "vectors"),
+            (points, {"name": "mapped", "features": {"id": ids}, "scale": scale}, "points"),
+        ]
+
+    dark = np.zeros((64, 48), np.float32)
+    half = dark.copy()
+    half[:, :24] = 1.0
+    first = add_layers(viewer, outputs(dark, (1, 1), [[1, 0], [20, 0], [1, 0], [1, 0]], np.zeros((3, 2)), ["a", "b", "c"]), owner="test")
+    thumbnail_before = first[0].thumbnail.copy()
+
+    redraws = {"n": 0}
+    original = Vectors._update_thumbnail
+
+    def counted(self, *args, **kwargs):
+        redraws["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Vectors, "_update_thumbnail", counted)
+    second = add_layers(viewer, outputs(half, (2, 2), [[0, 4], [3, 0], [0, 0.5], [6, 8]], np.full((5, 2), 7.0),
+                                        list("abcde")), owner="test")
+    assert all(a is b for a, b in zip(first, second))  # the same layers, updated
+    image, vectors, points = second
+    assert image.data is half and image._slice.image.raw.mean() == pytest.approx(0.5)  # re-sliced
+    assert not np.array_equal(image.thumbnail, thumbnail_before)
+    np.testing.assert_allclose(vectors.scale, (2, 2))
+    np.testing.assert_allclose(points.scale, (2, 2))
+    # arrows coloured by the new magnitudes: the shortest darkest, the longest brightest
+    brightness = vectors.edge_color[:, :3].sum(axis=1)
+    assert np.argmin(brightness) == 2 and np.argmax(brightness) == 3
+    assert redraws["n"] <= 2, f"the arrows' thumbnail was redrawn {redraws['n']} times for one update"
+    assert points.data.shape == (5, 2) and points._view_data.shape == (5, 2)
+    assert list(points.features["id"]) == list("abcde")
