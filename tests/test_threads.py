@@ -100,3 +100,44 @@ def test_the_cli_records_its_thread_choice(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         histreg(["demo", "--threads", "0"])
     assert info.value.code == 2
+
+
+_TEAM_PROBE = """
+import os, sys
+import napari_histreg, torch
+from napari_histreg.sample import make_sample_pair
+from napari_histreg.threads import on_one_thread
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(2)
+before = threads()
+make_sample_pair()  # what napari's GUI thread runs for File > Open Sample
+after_sample = threads()
+
+@on_one_thread
+def work():
+    return float((torch.ones(4000, 1000) * 2).sum())
+
+work()
+after_decorated = threads()
+assert torch.get_num_threads() == 2, torch.get_num_threads()
+(torch.ones(4000, 1000) * 2).sum()  # the same work on two threads: libgomp starts a helper
+print(before, after_sample, after_decorated, threads())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or T.usable_cores() < 2,
+                    reason="counts OS threads in /proc/self/task; needs two usable cores for an OpenMP team")
+def test_the_gui_threads_work_leaves_no_openmp_team():
+    """What runs on napari's GUI thread (the sample, a widget's preparation and hand-over) runs
+    torch on one thread, so that thread keeps no OpenMP team: a second team (the worker's) would
+    throttle both, and the widget's registrations ran 10-35% slower (threads.on_one_thread)."""
+    env = {**os.environ, T.ENV: "2"}
+    out = subprocess.run([sys.executable, "-c", _TEAM_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after_sample, after_decorated, after_parallel = map(int, out.stdout.split())
+    assert after_sample == before, "building the sample left OpenMP helper threads on the calling thread"
+    assert after_decorated == before, "on_one_thread work left OpenMP helper threads"
+    assert after_parallel > before  # the probe sees a team when one is made

@@ -36,6 +36,7 @@ from .conventions import (
     rotation_about,
     warp,
 )
+from .threads import on_one_thread
 
 __all__ = ["SamplePair", "make_sample_pair", "sample_layer_data"]
 
@@ -161,6 +162,7 @@ def make_sample_pair(seed: int = 0) -> SamplePair:
 
 
 @functools.lru_cache(maxsize=4)
+@on_one_thread  # built on napari's GUI thread too; the same arrays on any number of threads
 def _build_sample_pair(seed: int) -> SamplePair:
     """The cached pair behind :func:`make_sample_pair` (read-only arrays)."""
     from scipy.ndimage import binary_erosion

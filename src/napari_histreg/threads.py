@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -203,6 +204,27 @@ def torch_threads(requested=None):
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+def on_one_thread(function):
+    """Decorate ``function`` to run its torch work on one thread (the previous count restored).
+
+    For what runs on napari's GUI thread (the sample, a widget's preparation and hand-over of a
+    result). libgomp keeps a team of helper threads for every thread that has run a parallel
+    region, and once a process holds more of them than cores it "throttles" them all: a waiting
+    thread sleeps after 1 000 spins instead of 10 000 (:data:`WAIT_POLICY`), and the dense stage's
+    small kernels then wake it at every step. A GUI thread that had built the sample on two
+    threads left such a team behind, and every registration in the widget's worker thread ran
+    about 18% slower than the same call in a fresh process (``register`` on a second thread beside
+    a main-thread team: 3.2 s against 2.7 s). On one thread torch opens no parallel region, so
+    no team is left; the work here is small."""
+
+    @functools.wraps(function)
+    def one_thread(*args, **kwargs):
+        with torch_threads(1):
+            return function(*args, **kwargs)
+
+    return one_thread
 
 
 def default_workers(limit: int = 4) -> int:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton, SpinBox
 
 from ...progress import ProgressEvent
+from ...threads import torch_threads
 from ..layers import layer_kind, unwrap
 from ..session import get_session
 from ..worker import Runner, overall_fraction
@@ -224,7 +225,8 @@ class RunWidget(Container):
         if self.running:
             return None
         try:
-            job = self.prepare()
+            with torch_threads(1):  # the GUI thread keeps no OpenMP team (threads.on_one_thread)
+                job = self.prepare()
         except Exception as err:  # bad inputs: say so, start nothing
             self._set_status(f"cannot start: {err}", error=True)
             return None
@@ -266,7 +268,8 @@ class RunWidget(Container):
         self._set_status(text)
 
     def _on_result(self, payload) -> None:
-        text = self.apply(payload)
+        with torch_threads(1):  # as in run(): no OpenMP team left on the GUI thread
+            text = self.apply(payload)
         self._progress.value = 1000
         self._set_status(text or "done")
 
