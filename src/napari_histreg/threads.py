@@ -14,8 +14,10 @@ choice is made from what is free *now*:
 
 A busy core that only appears during a run cannot be foreseen: for that case the package
 lowers libgomp's spin count (``GOMP_SPINCOUNT``, see :func:`limit_spinning`), which halves the
-cost of contention without slowing a quiet machine, and keeps a worker thread (napari's) as fast
-as the main thread (``OMP_WAIT_POLICY``).
+cost of contention without slowing a quiet machine, and softens the cost of torch running on two
+OS threads, each with its own OpenMP team (``OMP_WAIT_POLICY``). What runs on napari's GUI thread
+uses one torch thread (:func:`on_one_thread`), so that a registration in the widgets' worker thread
+is the process's only team.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ SPINCOUNT = "10000"
 #: GUI thread, or ``register`` on a Python thread) has one OpenMP team per thread, so on 2 cores it
 #: was always "throttled": the same registration took 2.3x longer on a worker thread than on the
 #: main thread (the dense non-rigid stage's small kernels wait at every parallel region); with
-#: ``active`` 1.1x (README, "Threads on a busy machine"). With ``GOMP_SPINCOUNT`` set the main
-#: spin count stays 10 000: an idle thread still sleeps after it.
+#: ``active`` still 1.1-1.35x (README, "Threads on a busy machine"), which is why the GUI thread
+#: keeps no team (:func:`on_one_thread`). With ``GOMP_SPINCOUNT`` set the main spin count stays
+#: 10 000: an idle thread still sleeps after it.
 WAIT_POLICY = "active"
 _FRESH = 30.0  # seconds: a previous look older than this is not used
 _MIN_INTERVAL = 0.1  # seconds of observation needed to judge the load
