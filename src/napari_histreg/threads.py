@@ -41,7 +41,7 @@ SPINCOUNT = "10000"
 #: GUI thread, or ``register`` on a Python thread) has one OpenMP team per thread, so on 2 cores it
 #: was always "throttled": the same registration took 2.3x longer on a worker thread than on the
 #: main thread (the dense non-rigid stage's small kernels wait at every parallel region); with
-#: ``active`` still 1.1-1.35x (README, "Threads on a busy machine"), which is why the GUI thread
+#: ``active`` still 1.15-1.5x (README, "Threads on a busy machine"), which is why the GUI thread
 #: keeps no team (:func:`on_one_thread`). With ``GOMP_SPINCOUNT`` set the main spin count stays
 #: 10 000: an idle thread still sleeps after it.
 WAIT_POLICY = "active"
@@ -218,9 +218,8 @@ def on_one_thread(function):
     thread sleeps after 1 000 spins instead of 10 000 (:data:`WAIT_POLICY`), and the dense stage's
     small kernels then wake it at every step. A GUI thread that had built the sample on two
     threads left such a team behind, and every registration in the widget's worker thread ran
-    about 18% slower than the same call in a fresh process (``register`` on a second thread beside
-    a main-thread team: 3.2 s against 2.7 s). On one thread torch opens no parallel region, so
-    no team is left; the work here is small."""
+    15-50% slower than with no other team (README, "Threads on a busy machine"). On one thread
+    torch opens no parallel region, so no team is left; the work here is small."""
 
     @functools.wraps(function)
     def one_thread(*args, **kwargs):
