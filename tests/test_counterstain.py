@@ -12,11 +12,20 @@ fallback for flagged pairs and not the default representation: README, "Confiden
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from napari_histreg.io import HistRegInputError
-from napari_histreg.pipeline import Pipeline, RegistrationConfig, describe_representation, register
+from napari_histreg.pipeline import (
+    AffineResultRejected,
+    NetworkProposalRejected,
+    Pipeline,
+    RegistrationConfig,
+    describe_representation,
+    register,
+)
 from napari_histreg.stages.preprocess import PreprocessConfig, haematoxylin_density, is_colour, prepare_image
 
 
@@ -37,14 +46,16 @@ def _error(validation, result, pair):
 
 
 def test_flagged_colour_pair_is_retried_on_the_counterstain(validation, ihc_pair):
-    with pytest.warns(UserWarning):  # the grey run needs a look
+    with pytest.warns(UserWarning) as grey_warnings:  # the grey run needs a look
         grey = register(ihc_pair["source"], ihc_pair["target"], RegistrationConfig(counterstain_retry=False), threads=1)
     initial, grey_error = _error(validation, grey, ihc_pair)
     assert grey.flag == "check" and "counterstain_retry" not in grey.info
     assert grey_error > 0.005  # the failure the retry is for: no better than a few percent of the diagonal
 
     events = []
-    retried = register(ihc_pair["source"], ihc_pair["target"], RegistrationConfig(), threads=1, progress=events.append)
+    with warnings.catch_warnings(record=True) as retried_warnings:
+        warnings.simplefilter("always")
+        retried = register(ihc_pair["source"], ihc_pair["target"], RegistrationConfig(), threads=1, progress=events.append)
     # the second run's progress says what it is (the stages start again from the first)
     retry_events = [e for e in events if e.message.startswith("haematoxylin retry")]
     assert retry_events and retry_events[0].stage == "preprocess" and not events[0].message.startswith("haematoxylin")
@@ -59,6 +70,29 @@ def test_flagged_colour_pair_is_retried_on_the_counterstain(validation, ihc_pair
     assert describe_representation(grey) == ""
     # the time of both runs is the result's time
     assert retried.timings["total"] > retried.timings["nonrigid"] + retried.timings["initial"]
+    # the grey run's notices went with it: its affine stage was overruled, the kept run's was not
+    assert grey.info["affine_check"]["kept"] == "start" and retried.info["affine_check"]["kept"] == "affine"
+    assert any(issubclass(w.category, AffineResultRejected) for w in grey_warnings)
+    assert not [str(w.message) for w in retried_warnings if issubclass(w.category, NetworkProposalRejected)]
+
+
+def test_held_proposal_notices_wait_for_their_run_and_others_pass_at_once():
+    """What the counterstain retry uses to keep a replaced run's notices to itself."""
+    from napari_histreg.pipeline import _held_rejections, _release
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with _held_rejections(True) as held:
+            warnings.warn("proposal dropped", NetworkProposalRejected)
+            warnings.warn("something else", UserWarning)
+            assert [str(w.message) for w in shown] == ["something else"]  # passed on as it came
+        assert len(held) == 1 and [str(w.message) for w in shown] == ["something else"]
+        _release(held)
+        assert [str(w.message) for w in shown] == ["something else", "proposal dropped"]
+        assert shown[-1].category is NetworkProposalRejected and shown[-1].filename == __file__
+        with _held_rejections(False) as nothing_held:
+            warnings.warn("not held", NetworkProposalRejected)
+        assert nothing_held == [] and str(shown[-1].message) == "not held"
 
 
 def test_retried_result_refines_from_its_own_config(validation, ihc_pair):

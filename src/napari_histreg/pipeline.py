@@ -31,6 +31,7 @@ The tissue mask is chosen apart from the mode (``use_mask`` + ``mask_method``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -118,6 +119,35 @@ class RegistrationNeedsCheck(UserWarning):
 class NetworkProposalRejected(UserWarning):
     """A network's proposal aligned the pair clearly worse (global NCC, :func:`clearly_worse`)
     than what it would have replaced, and the pipeline fell back (the message says to what)."""
+
+
+@contextlib.contextmanager
+def _held_rejections(hold: bool):
+    """Within the block, :class:`NetworkProposalRejected` warnings are held back (when ``hold``)
+    and collected in the list it yields, for :func:`_release` once the run is known to be kept;
+    every other warning passes on as it comes."""
+    held: list = []
+    if not hold:
+        yield held
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NetworkProposalRejected)  # the filters apply on release
+        passing_on = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, NetworkProposalRejected):
+                held.append((message, category, filename, lineno))
+            else:
+                passing_on(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield held
+
+
+def _release(notices) -> None:
+    """Emit warnings held by :func:`_held_rejections`, attributed to where they were raised."""
+    for message, category, filename, lineno in notices:
+        warnings.warn_explicit(message, category, filename, lineno)
 
 
 class AffineResultRejected(NetworkProposalRejected):
@@ -282,13 +312,18 @@ class Pipeline:
         from .stages.preprocess import level_cache
 
         with torch_threads(self.threads) as threads:
-            with level_cache():
+            # a run the counterstain retry may replace keeps its proposal warnings until it is kept:
+            # a notice about a result the user never gets only misleads
+            with level_cache(), _held_rejections(self._may_retry_on_counterstain(source, target)) as first_notices:
                 result = self._run(source, target, progress)
+            kept_notices = first_notices
             if self._retries_on_counterstain(result, source, target):
-                with level_cache():
+                with level_cache(), _held_rejections(True) as retry_notices:
                     retry = self._run(source, target, _labelled(progress, "haematoxylin retry"),
                                       representation="haematoxylin")
                 result = self.more_confident(result, retry)
+                kept_notices = retry_notices if result is retry else first_notices
+            _release(kept_notices)
         result.info["threads"] = threads
         warn_if_needs_check(result.info.get("confidence"), name, stacklevel=3)
         return result
@@ -297,12 +332,16 @@ class Pipeline:
         """Whether ``result`` (flagged ``check``) is registered once more on the haematoxylin
         channel: ``counterstain_retry`` on, both images in colour, the grey representation used and
         the shipped preprocessing (a replaced stage is the user's to keep)."""
+        return result.flag == "check" and "blank" not in result.info and self._may_retry_on_counterstain(source, target)
+
+    def _may_retry_on_counterstain(self, source, target) -> bool:
+        """:meth:`_retries_on_counterstain` without the result: whether a flagged result would be
+        registered once more."""
         from .stages.preprocess import is_colour
 
         c = self.config
-        return (c.counterstain_retry and result.flag == "check" and c.preprocess.representation == "grey"
-                and "blank" not in result.info and self.preprocess is self._shipped_preprocess
-                and is_colour(source) and is_colour(target))
+        return bool(c.counterstain_retry and c.preprocess.representation == "grey"
+                    and self.preprocess is self._shipped_preprocess and is_colour(source) and is_colour(target))
 
     @staticmethod
     def more_confident(first: RegistrationResult, retry: RegistrationResult) -> RegistrationResult:
