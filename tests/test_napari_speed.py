@@ -13,7 +13,6 @@ beside the other's work."""
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import subprocess
 import sys
@@ -37,9 +36,10 @@ class Side:
 
     def __init__(self, args, log: Path) -> None:
         self.log = log
+        self._stderr = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, str(SESSION), *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=log.open("w"), text=True, env=dict(os.environ),
+            stderr=self._stderr, text=True,
         )
 
     def read(self) -> str:
@@ -72,6 +72,7 @@ class Side:
                 self.process.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
+        self._stderr.close()
 
 
 def test_register_widget_time_against_the_library_call(display, tmp_path, capsys):

@@ -314,10 +314,11 @@ class Pipeline:
         with torch_threads(self.threads) as threads:
             # a run the counterstain retry may replace keeps its proposal warnings until it is kept:
             # a notice about a result the user never gets only misleads
-            with level_cache(), _held_rejections(self._may_retry_on_counterstain(source, target)) as first_notices:
+            may_retry = self._retries_on_counterstain(source, target)
+            with level_cache(), _held_rejections(may_retry) as first_notices:
                 result = self._run(source, target, progress)
             kept_notices = first_notices
-            if self._retries_on_counterstain(result, source, target):
+            if may_retry and result.flag == "check" and "blank" not in result.info:
                 with level_cache(), _held_rejections(True) as retry_notices:
                     retry = self._run(source, target, _labelled(progress, "haematoxylin retry"),
                                       representation="haematoxylin")
@@ -328,15 +329,10 @@ class Pipeline:
         warn_if_needs_check(result.info.get("confidence"), name, stacklevel=3)
         return result
 
-    def _retries_on_counterstain(self, result: RegistrationResult, source, target) -> bool:
-        """Whether ``result`` (flagged ``check``) is registered once more on the haematoxylin
-        channel: ``counterstain_retry`` on, both images in colour, the grey representation used and
-        the shipped preprocessing (a replaced stage is the user's to keep)."""
-        return result.flag == "check" and "blank" not in result.info and self._may_retry_on_counterstain(source, target)
-
-    def _may_retry_on_counterstain(self, source, target) -> bool:
-        """:meth:`_retries_on_counterstain` without the result: whether a flagged result would be
-        registered once more."""
+    def _retries_on_counterstain(self, source, target) -> bool:
+        """Whether a result flagged ``check`` (not for a blank image) is registered once more on
+        the haematoxylin channel: ``counterstain_retry`` on, both images in colour, the grey
+        representation used and the shipped preprocessing (a replaced stage is the user's to keep)."""
         from .stages.preprocess import is_colour
 
         c = self.config
