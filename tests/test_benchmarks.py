@@ -236,3 +236,30 @@ def test_without_elastix(compare, monkeypatch, capsys):
     code = compare.main(["--methods", "histreg-affine,elastix", "--data", "missing.csv"])
     assert code == 2
     assert "pip install -e .[bench]" in capsys.readouterr().err
+
+
+def test_guided_benchmark_shift_oracle_removes_a_common_shift():
+    """``benchmarks/guided.py``'s oracle: the pair's MrTRE with every mapped landmark moved by the
+    landmarks' mean miss. A result that misses every landmark by one shift (plus small clicking
+    noise) must drop to the noise; one whose misses are noise alone must barely move."""
+    from napari_histreg.guided import points_result
+    from napari_histreg.scoring import LandmarkPair
+
+    spec = importlib.util.spec_from_file_location("histreg_benchmarks_guided", BENCH / "guided.py")
+    guided = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guided)
+    rng = np.random.default_rng(0)
+    shape = (400, 600)
+    points = rng.uniform([20, 20], [380, 580], size=(40, 2))
+    identity = points_result(shape, shape, points[:3], points[:3], "translation")  # maps every point to itself
+    noise = rng.normal(0, 1.0, size=points.shape)
+    diagonal = float(np.hypot(*shape))
+
+    shifted = LandmarkPair.from_points(points, points + [12.0, -9.0] + noise, shape)
+    before, after = guided.shift_oracle(identity, shifted)
+    assert before == pytest.approx(15.0 / diagonal, rel=0.1)  # the 12, -9 shift's 15 px
+    assert after < 2.0 / diagonal < before
+
+    noisy = LandmarkPair.from_points(points, points + noise, shape)
+    before, after = guided.shift_oracle(identity, noisy)
+    assert after == pytest.approx(before, rel=0.25)
