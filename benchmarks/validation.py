@@ -230,6 +230,19 @@ def make_variant_pairs(images: list[tuple[str, np.ndarray]], variants, warps: in
     return pairs
 
 
+def pairs_named(pairs: list[dict], names) -> list[dict]:
+    """The pairs called ``names`` (as a run prints them), in the order given. A pair must be cut
+    from the whole set: its geometry is drawn from a generator seeded with its image's index in
+    the table, so making the pairs of one image alone would give a different pair of that name.
+    ``KeyError`` (naming what exists) for a name the set lacks."""
+    by_name = {pair["name"]: pair for pair in pairs}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise KeyError(f"no validation pair named {', '.join(map(repr, missing))} in this set (--seed, --warps, "
+                       f"--variants as the run that printed it); it has e.g. {', '.join(list(by_name)[:4])}")
+    return [by_name[name] for name in names]
+
+
 def score(result, pair) -> dict:
     """The ANHIR metrics of one registered pair, as ``histreg evaluate`` records them
     (:func:`napari_histreg.scoring.score`: the known grid points are the landmarks)."""
@@ -309,6 +322,10 @@ def main(argv=None) -> int:
                              "repeatable; default: optimise, hybrid, learned")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every registration (default: each run's choice from the free cores)")
+    parser.add_argument("--pair", action="append", default=[], metavar="NAME",
+                        help="run only this pair (repeatable), by the name the run prints, e.g. "
+                             "'Rat-Kidney_HE.jpg#rotated#0': it is built from the whole table as in the full "
+                             "run (a pair's random geometry depends on its image's place in the table)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="folder for validation.csv / validation.json")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -327,6 +344,11 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     pairs = make_variant_pairs(table_images(args.table, args.size), variants, args.warps, args.seed)
+    if args.pair:
+        try:
+            pairs = pairs_named(pairs, args.pair)
+        except KeyError as err:
+            parser.error(err.args[0])
     rows = run(methods, pairs, args.device, args.quiet, threads=args.threads)
     summary = summarise(rows)
     print(f"\n{len(pairs)} pairs, {sum(len(p['target_rc']) for p in pairs)} points")

@@ -9,15 +9,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _kidney(shared_data, size):
+    return [("kidney", _rgb(shared_data / "rat-kidney" / "Rat-Kidney_PanCytokeratin.jpg", size))]
+
+
+def _rgb(path, size):
     from napari_histreg.io import read_image
     from napari_histreg.training.data import _rgb_float, resize_rgb
 
-    return [("kidney", resize_rgb(_rgb_float(read_image(shared_data / "rat-kidney" / "Rat-Kidney_PanCytokeratin.jpg")), size))]
+    return resize_rgb(_rgb_float(read_image(path)), size)
 
 
 def test_renderings_are_aligned_and_different(shared_data, validation):
@@ -87,3 +92,20 @@ def test_threads_hold_every_registration_of_the_run(validation, monkeypatch):
         except Made:
             pass
     assert asked == [1, None]
+
+
+def test_one_pair_is_the_same_pair_as_in_the_whole_set(shared_data, validation):
+    """``--pair NAME`` reruns one pair exactly as the full run made it: its geometry comes from a
+    generator seeded with its image's place in the table, so it must be cut from the whole set
+    (making one image's pairs alone gives another pair under the same name)."""
+    kidney = shared_data / "rat-kidney"
+    images = [("he", _rgb(kidney / "Rat-Kidney_HE.jpg", 192)), ("panck", _rgb(kidney / "Rat-Kidney_PanCytokeratin.jpg", 192))]
+    whole = validation.make_variant_pairs(images, ["rotated"], warps=1, seed=2)
+    chosen, = validation.pairs_named(whole, ["panck#rotated#0"])
+    assert chosen is whole[1]
+    alone, = validation.make_variant_pairs(images[1:], ["rotated"], warps=1, seed=2)
+    assert alone["name"] == chosen["name"]
+    assert not np.allclose(alone["source"], chosen["source"])  # why the whole set is needed
+    with pytest.raises(KeyError, match="no validation pair named 'panck#rotated#7'.*he#rotated#0"):
+        validation.pairs_named(whole, ["panck#rotated#7"])
+
