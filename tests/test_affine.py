@@ -38,9 +38,6 @@ def test_initial_and_affine_on_a_real_pair(kidney, kidney_working):
     assert after < 0.006 < before  # an affine fit on the landmarks themselves reaches ~0.003-0.005
 
 
-
-
-
 def test_a_section_cut_by_the_frame_keeps_its_length(kidney):
     """The kidney H&E turned by a quarter onto its own landscape canvas is cut at both ends of its
     long axis (glass white around the rest). Registered onto the unturned section from the true
@@ -55,29 +52,24 @@ def test_a_section_cut_by_the_frame_keeps_its_length(kidney):
 
     he = np.asarray(kidney.target, dtype=np.float32) / 255.0
     h, w = he.shape[:2]
-    centre = (np.array([h, w]) - 1) / 2
-    quarter = np.array([[0.0, -1.0], [1.0, 0.0]])
-    turn = np.hstack([quarter, (centre - quarter @ centre)[:, None]])  # source pixel -> target pixel
+    turn = cv.rotation_about(((h - 1) / 2, (w - 1) / 2), 90.0)  # turned pixel -> H&E pixel
     field = cv.affine_to_field(turn, (h, w))
     turned = np.stack([1.0 - warp_np(1.0 - he[..., k], field) for k in range(3)], axis=-1)  # white glass outside
     pair = preprocess_pair(turned, he, SMALL)
-    tf, sf = pair.target_frame, pair.source_frame
+    # the registration's answer, H&E (target) working pixel -> turned (source) working pixel
+    truth = (cv.frame_matrix(pair.source_frame) @ np.linalg.inv(cv.homogeneous(turn))
+             @ np.linalg.inv(cv.frame_matrix(pair.target_frame)))
+    middle = (np.array(pair.target.shape) - 1) / 2
+    start = truth @ cv.homogeneous(np.hstack([np.eye(2) * 0.93, (0.07 * middle)[:, None]]))
     rows, cols = np.nonzero(otsu_tissue_mask(pair.target)[::4, ::4])
     points = np.stack([rows * 4, cols * 4], axis=1).astype(np.float64)  # target tissue, working pixels
-    inverse = np.linalg.inv(np.vstack([turn, [0.0, 0.0, 1.0]]))[:2]  # target pixel -> source pixel
-    truth = sf.to_working(apply_affine(inverse, tf.to_original(points)))
-    truth_matrix = np.linalg.lstsq(np.hstack([points, np.ones((len(points), 1))]), truth, rcond=None)[0].T
-    middle = (np.array(pair.target.shape) - 1) / 2
-    start = truth_matrix @ np.vstack([np.hstack([np.eye(2) * 0.93, (0.07 * middle)[:, None]]), [0.0, 0.0, 1.0]])
+    expected = cv.apply_homogeneous(truth, points)
 
-    misses = {}
-    for overlap_only in (True, False):
-        config = AffineConfig(levels=FAST_AFFINE.levels, iterations=FAST_AFFINE.iterations, overlap_only=overlap_only)
-        found = optimise_affine(pair.source, pair.target, start, config)
-        misses[overlap_only] = float(np.median(np.linalg.norm(apply_affine(found, points) - truth, axis=1)))
-        axes = np.linalg.svd(found[:, :2], compute_uv=False)
-        if overlap_only:
-            assert axes.min() / axes.max() > 0.97, axes  # no stretch: the turn is a rotation
+    found = {overlap_only: optimise_affine(pair.source, pair.target, start[:2], AffineConfig(
+        levels=FAST_AFFINE.levels, iterations=FAST_AFFINE.iterations, overlap_only=overlap_only)) for overlap_only in (True, False)}
+    misses = {key: float(np.median(np.linalg.norm(apply_affine(m, points) - expected, axis=1))) for key, m in found.items()}
+    axes = np.linalg.svd(found[True][:, :2], compute_uv=False)
+    assert axes.min() / axes.max() > 0.97, axes  # no stretch: the turn is a rotation
     assert AffineConfig().overlap_only  # the pipeline's affine stages count the overlap only
     assert misses[True] < 1.5, misses  # working pixels (256 px grid)
     assert misses[False] > 4 * misses[True], misses  # the whole grid's NCC stretches the cut section

@@ -36,14 +36,10 @@ class AffineConfig:
     iterations: tuple[int, ...] = (100, 60, 40)
     learning_rate: float = 0.003
     #: NCC over the overlap of the two images' content (inside the zero padding, inside the
-    #: source's grid) rather than the whole grid: for a crop cut inside the tissue, the step to
-    #: the padding is an edge the whole-grid NCC lines up instead of the tissue, and a section cut
-    #: by the source's frame is stretched until its cut ends fill the target's whole section
-    #: (a turned kidney cut at both ends: 18% too long). Chosen on validation seeds 0 and 1
-    #: (AMrTRE 0.00069 -> 0.00057 and 0.00067 -> 0.00059; the pairs it moved by more than 1.5x all
-    #: improved, 0.0088-0.0115 -> 0.0003-0.0050); held-out seed 4: 0.00086 -> 0.00059, its one
-    #: failure fixed; the 17 landmark pairs within their noise (AMrTRE 0.00311 both):
-    #: benchmarks/README.md, "AffineConfig.overlap_only".
+    #: source's grid) rather than the whole grid, where whatever maps outside the source counts as
+    #: glass: a crop cut inside the tissue would line up the step to the padding instead of the
+    #: tissue, and a section cut by the source's frame would be stretched until its cut ends fill
+    #: the target's section. The measurements: benchmarks/README.md, "AffineConfig.overlap_only".
     overlap_only: bool = True
 
 
